@@ -47,6 +47,12 @@ class DiffusionConfig:
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: bf16/fp16 on GPU
     cpu_offload: bool = False  # move submodels to the GPU only while they run (small GPUs)
     vae_decode_chunk: int = 8  # frames decoded at once by the VAE (lower: less memory)
+    text_to_image_size: int = 0  # side of the text-to-image output; 0: the model's default
+    orbit_fov_deg: float = 33.8  # field of view of the orbit model's cameras (SV3D: 33.8)
+    frame_fill: float = 0.85  # share of the frame side the centred object spans (sets camera distance)
+    guidance_profile: Literal["triangle", "linear"] = "triangle"  # guidance over frames (SV3D: triangle)
+    cond_aug: float = 1e-5  # noise added to the conditioning image (SV3D: 1e-5)
+    background_threshold: float = 0.08  # colour distance from the background that counts as object
 
 
 @dataclass
@@ -85,7 +91,11 @@ class ReconConfig:
 @dataclass
 class MeshConfig:
     grid_resolution: int = 256  # density grid samples per axis
-    threshold: float = 0.0  # density iso-level; 0 picks it automatically from the splats
+    threshold: float = 0.0  # absolute density iso-level; 0: automatic (threshold_fraction of the local peak)
+    threshold_fraction: float = 0.3  # automatic iso-level, as a share of the locally normalised density
+    fill_cavities: bool = True  # fill closed interior voids so a sheet of splats gives one outer surface
+    snap_to_splats: bool = True  # move vertices inward onto the density ridge (the splats' centres)
+    bake_texture: bool = True  # UV atlas + albedo texture; false: vertex colours only
     min_component_fraction: float = 0.02  # drop components with fewer faces than this share
     smooth_iterations: int = 2  # Taubin smoothing passes after marching cubes
     face_budget: int = 50_000  # decimate to at most this many faces
@@ -293,6 +303,13 @@ def validate(config: Config) -> None:
     _check(d.text_to_image_steps >= 1, "diffusion.text_to_image_steps", "must be at least 1")
     _check(d.orbit_steps >= 1, "diffusion.orbit_steps", "must be at least 1")
     _check(d.vae_decode_chunk >= 1, "diffusion.vae_decode_chunk", "must be at least 1")
+    _check(d.text_to_image_size == 0 or (d.text_to_image_size >= 64 and d.text_to_image_size % 8 == 0),
+           "diffusion.text_to_image_size", "must be 0 (model default) or >= 64 and a multiple of 8")
+    _check(1 <= d.orbit_fov_deg <= 120, "diffusion.orbit_fov_deg", "must be within [1, 120] degrees")
+    _check(0.1 <= d.frame_fill <= 1.0, "diffusion.frame_fill", "must be within [0.1, 1]")
+    _check(0 <= d.cond_aug <= 1, "diffusion.cond_aug", "must be within [0, 1]")
+    _check(0 < d.background_threshold < 1, "diffusion.background_threshold", "must be within (0, 1)")
+    _check(d.min_guidance >= 0 and d.max_guidance >= 0, "diffusion.min_guidance", "guidance must not be negative")
     for i, strength in enumerate(d.refine_strengths):
         _check(0.0 < strength <= 1.0, f"diffusion.refine_strengths[{i}]", f"must be in (0, 1], got {strength}")
     _check(r.image_size >= 16, "recon.image_size", f"must be at least 16, got {r.image_size}")
@@ -313,6 +330,7 @@ def validate(config: Config) -> None:
     _check(all(0 <= c <= 1 for c in r.background), "recon.background", "values must be within [0, 1]")
     _check(m.grid_resolution >= 16, "mesh.grid_resolution", f"must be at least 16, got {m.grid_resolution}")
     _check(m.threshold >= 0, "mesh.threshold", "must not be negative (0 picks it automatically)")
+    _check(0 < m.threshold_fraction < 1, "mesh.threshold_fraction", f"must be within (0, 1), got {m.threshold_fraction}")
     _check(0 <= m.min_component_fraction < 1, "mesh.min_component_fraction", "must be within [0, 1)")
     _check(m.smooth_iterations >= 0, "mesh.smooth_iterations", "must not be negative")
     _check(m.face_budget >= 100, "mesh.face_budget", f"must be at least 100, got {m.face_budget}")

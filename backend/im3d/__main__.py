@@ -1,0 +1,3 @@
+from im3d.cli import main
+
+raise SystemExit(main())

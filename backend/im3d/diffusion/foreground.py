@@ -1,0 +1,109 @@
+"""Foreground mask and centring of a single-object image.
+
+The text-to-image stage prompts for one object on a plain background, so the default mask is a
+background-colour segmentation: the background colour is the median of the image border, a pixel
+is foreground when any channel differs from it by more than `threshold`; holes are filled and
+specks (components under 5 % of the largest one) dropped. An RGBA input keeps its own alpha.
+The object is then cropped to its mask's bounding box and scaled so that its longer side spans
+`fill` of a square canvas, centred, on white (SV3D's preprocessing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from torch import Tensor
+
+
+@dataclass
+class ReferenceImage:
+    rgb: Tensor  # [H, W, 3] float in [0, 1], object centred on white
+    mask: Tensor  # [H, W, 1] float in [0, 1]
+    evaluations: int = 0  # network evaluations spent making it (0 for a user image)
+
+    def __post_init__(self) -> None:
+        H, W = self.rgb.shape[:2]
+        assert self.rgb.shape == (H, W, 3), self.rgb.shape
+        assert self.mask.shape == (H, W, 1), self.mask.shape
+
+
+def segment_background_colour(
+    image: Tensor,  # [H, W, 3] in [0, 1]
+    threshold: float = 0.08,
+    min_component_fraction: float = 0.05,
+) -> Tensor:  # [H, W, 1] float {0, 1}
+    assert image.ndim == 3 and image.shape[-1] == 3, image.shape
+    pixels = image.detach().float().cpu().numpy()
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])  # [2H+2W, 3]
+    background = np.median(border, axis=0)
+    foreground = np.abs(pixels - background).max(axis=-1) > threshold
+    foreground = ndimage.binary_fill_holes(foreground)
+    labels, count = ndimage.label(foreground)
+    if count > 1:
+        sizes = ndimage.sum(foreground, labels, index=np.arange(1, count + 1))
+        keep = np.flatnonzero(sizes >= min_component_fraction * sizes.max()) + 1
+        foreground = np.isin(labels, keep)
+    return torch.from_numpy(foreground.astype(np.float32))[..., None]
+
+
+def centre_object(
+    rgb: Tensor,  # [H, W, 3] in [0, 1]
+    mask: Tensor,  # [H, W, 1] in [0, 1]
+    size: int,
+    fill: float = 0.85,
+    background: float = 1.0,
+) -> tuple[Tensor, Tensor]:  # [size, size, 3], [size, size, 1]
+    """Crop to the mask's bounding box, scale the longer side to `fill`·size, centre on `background`."""
+    assert rgb.shape[:2] == mask.shape[:2] and mask.shape[-1] == 1, (rgb.shape, mask.shape)
+    rows = torch.nonzero(mask[..., 0].amax(dim=1) > 0.5).flatten()
+    cols = torch.nonzero(mask[..., 0].amax(dim=0) > 0.5).flatten()
+    if rows.numel() == 0:
+        raise ValueError(
+            "no object found in the reference image (its foreground mask is empty); use an image of one "
+            "object on a plain background, or an RGBA image whose alpha marks the object"
+        )
+    top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    rgba = torch.cat([rgb.float(), mask.float()], dim=-1)[top:bottom, left:right]  # [h, w, 4]
+    h, w = rgba.shape[:2]
+    scale = fill * size / max(h, w)
+    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    resized = F.interpolate(
+        rgba.permute(2, 0, 1)[None], size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False
+    )[0].permute(1, 2, 0).clamp(0, 1)
+    canvas = torch.zeros(size, size, 4)
+    y0, x0 = (size - new_h) // 2, (size - new_w) // 2
+    canvas[y0 : y0 + new_h, x0 : x0 + new_w] = resized
+    alpha = canvas[..., 3:]
+    # Colours were not premultiplied before resampling: composite with the resampled alpha.
+    out_rgb = canvas[..., :3] * alpha + background * (1.0 - alpha)
+    return out_rgb, alpha
+
+
+def image_to_tensor(image: Any) -> Tensor:
+    """PIL image, numpy array (uint8 or float) or tensor -> [H, W, C] float in [0, 1], C in {3, 4}."""
+    if hasattr(image, "convert"):  # PIL
+        image = np.asarray(image.convert("RGBA" if "A" in image.getbands() else "RGB"))
+    tensor = torch.as_tensor(np.asarray(image)) if not isinstance(image, Tensor) else image
+    if tensor.dtype == torch.uint8:
+        tensor = tensor.float() / 255.0
+    tensor = tensor.float()
+    if tensor.ndim != 3 or tensor.shape[-1] not in (3, 4):
+        raise ValueError(f"expected an RGB or RGBA image [H, W, 3|4], got shape {tuple(tensor.shape)}")
+    return tensor.clamp(0, 1)
+
+
+def prepare_reference(image: Any, config: Any, evaluations: int = 0) -> ReferenceImage:
+    """Any single-object image -> a `ReferenceImage` centred at `diffusion.image_size`."""
+    d = config.diffusion
+    pixels = image_to_tensor(image)
+    if pixels.shape[-1] == 4:
+        rgb, mask = pixels[..., :3], pixels[..., 3:]
+    else:
+        rgb, mask = pixels, segment_background_colour(pixels, d.background_threshold)
+    rgb, mask = centre_object(rgb, mask, d.image_size, d.frame_fill)
+    return ReferenceImage(rgb, mask, evaluations)

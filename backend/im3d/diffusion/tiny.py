@@ -1,0 +1,194 @@
+"""Randomly initialised models in the real classes, for tests, benchmarks and offline demos.
+
+`build_orbit_model(folder, "tiny" | "sv3d")` and `build_text_to_image_model(folder)` write a
+diffusers-layout folder (`save_pretrained(safe_serialization=True)`) that the product then loads
+through the same `from_pretrained` path as real weights. "sv3d" has SV3D_p's full-size
+architecture (about 1.5 B UNet parameters) with random weights, for timing and memory only.
+Random weights draw random pictures: these folders test plumbing, shapes and numerics, not quality.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# SVD / SV3D's sampler: EDM sigmas (Karras, 0.002 .. 700), v-prediction, continuous timesteps.
+SVD_SCHEDULER = dict(
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    interpolation_type="linear",
+    num_train_timesteps=1000,
+    prediction_type="v_prediction",
+    sigma_max=700.0,
+    sigma_min=0.002,
+    steps_offset=1,
+    timestep_spacing="leading",
+    timestep_type="continuous",
+    use_karras_sigmas=True,
+)
+
+ORBIT_CONFIGS = {
+    "tiny": dict(
+        unet=dict(
+            sample_size=16,
+            down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+            up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+            block_out_channels=(32, 64),
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=40,
+            addition_time_embed_dims=(8, 16, 16),
+            layers_per_block=1,
+            cross_attention_dim=32,
+            num_attention_heads=(2, 4),
+            num_frames=4,
+        ),
+        # scaling_factor as SD's 0.18215: brings this random encoder's latents to about unit variance
+        vae=dict(
+            block_out_channels=(32, 32, 32),
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            layers_per_block=1,
+            scaling_factor=5.0,
+        ),
+        clip=dict(
+            hidden_size=32,
+            projection_dim=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+    ),
+    # SV3D_p (Stability's sv3d_p.yaml): SVD's UNet, 1280-wide vector conditioning, 21 frames at 576².
+    "sv3d": dict(
+        unet=dict(
+            sample_size=72,
+            block_out_channels=(320, 640, 1280, 1280),
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=1280,
+            addition_time_embed_dims=(256, 512, 512),
+            layers_per_block=2,
+            cross_attention_dim=1024,
+            num_attention_heads=(5, 10, 20, 20),
+            num_frames=21,
+        ),
+        vae=dict(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            layers_per_block=2,
+        ),
+        clip=dict(  # OpenCLIP ViT-H/14
+            hidden_size=1280,
+            projection_dim=1024,
+            intermediate_size=5120,
+            num_hidden_layers=32,
+            num_attention_heads=16,
+            image_size=224,
+            patch_size=14,
+            hidden_act="gelu",
+        ),
+    ),
+}
+
+
+def build_orbit_pipeline(size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32):
+    """An `OrbitVideoPipeline` with random weights in the `size` architecture."""
+    from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from im3d.diffusion.orbit_video import OrbitUNetSpatioTemporalConditionModel, OrbitVideoPipeline
+
+    spec = ORBIT_CONFIGS[size]
+    torch.manual_seed(seed)
+    unet = OrbitUNetSpatioTemporalConditionModel(**spec["unet"])
+    vae = AutoencoderKLTemporalDecoder(latent_channels=4, **spec["vae"])
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**spec["clip"]))
+    side = spec["clip"]["image_size"]
+    feature_extractor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    scheduler = EulerDiscreteScheduler(**SVD_SCHEDULER)
+    pipe = OrbitVideoPipeline(
+        vae=vae, image_encoder=image_encoder, unet=unet, scheduler=scheduler, feature_extractor=feature_extractor
+    )
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def build_orbit_model(folder: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+    folder = Path(folder)
+    build_orbit_pipeline(size, seed).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def _write_tiny_clip_tokenizer(folder: Path, max_length: int) -> None:
+    """A character-level CLIP BPE vocabulary (no merges): builds offline, tokenizes any ASCII prompt."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = [chr(c) for c in range(33, 127)]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for c in chars:
+            vocab[c + suffix] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": max_length}))
+
+
+def build_text_to_image_model(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny random `StableDiffusionPipeline` (64² images) in the diffusers layout."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 32, 32),
+        latent_channels=4,
+        layers_per_block=1,
+        sample_size=64,
+    )
+    text_config = CLIPTextConfig(
+        vocab_size=2 + 2 * 94,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    tokenizer_folder = folder / "_tokenizer_src"
+    _write_tiny_clip_tokenizer(tokenizer_folder, max_length=128)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_folder))
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(steps_offset=1),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    for path in sorted(tokenizer_folder.iterdir()):
+        path.unlink()
+    tokenizer_folder.rmdir()
+    return folder

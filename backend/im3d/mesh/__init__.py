@@ -1,0 +1,305 @@
+"""Splats -> textured mesh: density grid, marching cubes, cleanup, UV atlas, albedo bake, GLB.
+
+    result = mesh_from_splats(splats, config.mesh, progress, cancel)   # MeshResult
+    export_glb(result, "mesh.glb")
+    report = mesh_ply_to_glb("splats.ply", "mesh.glb", config)         # what `im3d mesh` calls
+
+Stages (each reports progress and checks `cancel()`):
+  1. density   opacity-weighted Gaussian density on a grid (numba scatter, slab-parallel)
+  2. surface   local normalisation, cavity fill, marching cubes (PyMCubes), outward normals
+  3. cleanup   drop floaters, decimate to the face budget, snap onto the splats, Taubin smoothing
+  4. texture   UV atlas (facing charts packed by xatlas), albedo bake from the splats' colours
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import mcubes
+import numpy as np
+import torch
+
+from im3d.config import Config, MeshConfig
+from im3d.errors import Cancelled, check_cancel
+from im3d.mesh.cleanup import (
+    decimate,
+    drop_degenerate,
+    face_components,
+    mesh_statistics,
+    remove_small_components,
+    snap_to_ridge,
+    taubin_smooth,
+    vertex_normals,
+)
+from im3d.mesh.density import (
+    GaussianArrays,
+    evaluate_density,
+    fill_cavities,
+    normalise_locally,
+    quats_to_rotations,
+    typical_peak_density,
+)
+from im3d.mesh.errors import MeshingError
+from im3d.mesh.gltf import write_glb
+from im3d.mesh.texture import bake_albedo, splat_colors_at, unwrap
+
+__all__ = [
+    "Cancelled",
+    "MeshReport",
+    "MeshResult",
+    "MeshingError",
+    "export_glb",
+    "mesh_from_splats",
+    "mesh_ply_to_glb",
+    "splats_to_gaussians",
+]
+
+SH_C0 = 0.28209479177387814
+# Splats fainter than this everywhere are "nothing there" (sigmoid of the logit opacity).
+MIN_VISIBLE_OPACITY = 1e-3
+# Density below this share of the typical peak never counts as surface, however faint the
+# neighbourhood: keeps the tails of floaters and empty space out of the local normalisation.
+NORMALISATION_FLOOR = 0.2
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class MeshReport:
+    faces: int
+    vertices: int
+    components: int
+    watertight: bool
+    removed_components: int
+    grid_shape: tuple[int, int, int]
+    voxel_size: float
+    iso_level: float
+    textured: bool
+    texture_size: int
+    charts: int = 0
+    uv_coverage: float = 0.0
+    uv_overlap_texels: int = 0
+    mean_snap_distance: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class MeshResult:
+    vertices: np.ndarray  # [V, 3] world frame (Z up), float64
+    faces: np.ndarray  # [F, 3] int64, counter-clockwise seen from outside
+    normals: np.ndarray  # [V, 3] unit, outward
+    uvs: np.ndarray | None  # [V, 2] glTF convention, when textured
+    texture: np.ndarray | None  # [S, S, 3] uint8 albedo, when textured
+    vertex_colors: np.ndarray | None  # [V, 3] uint8, the fallback when not textured
+    report: MeshReport
+
+
+def _mesh_config(config: Config | MeshConfig) -> MeshConfig:
+    return config.mesh if isinstance(config, Config) else config
+
+
+def splats_to_gaussians(splats: dict) -> GaussianArrays:
+    """Check a splat dict and activate it into float64 numpy arrays; `MeshingError` when unusable."""
+    names = ("means", "quats", "scales", "opacities", "sh0")
+    missing = [n for n in names if n not in splats]
+    if missing:
+        raise MeshingError("invalid_splats", f"the splats lack {', '.join(missing)} (expected {', '.join(names)})")
+    arrays = {}
+    for n in names:
+        value = splats[n]
+        if isinstance(value, torch.Tensor):
+            value = value.detach().to("cpu", torch.float64).numpy()
+        arrays[n] = np.asarray(value, dtype=np.float64)
+    N = arrays["means"].shape[0] if arrays["means"].ndim == 2 else -1
+    expected = {"means": (N, 3), "quats": (N, 4), "scales": (N, 3), "opacities": (N,), "sh0": (N, 1, 3)}
+    for n, shape in expected.items():
+        if arrays[n].shape != shape:
+            raise MeshingError("invalid_splats", f"splats['{n}'] has shape {arrays[n].shape}, expected {shape}")
+    if N == 0:
+        raise MeshingError("no_surface", "the splats are empty (0 Gaussians): there is no surface to mesh")
+    for n in names:
+        bad = ~np.isfinite(arrays[n])
+        if bad.any():
+            raise MeshingError(
+                "invalid_splats",
+                f"splats['{n}'] holds {int(bad.sum())} NaN/infinite values: the fit diverged; refit with a lower learning rate",
+            )
+    opacities = 1.0 / (1.0 + np.exp(-arrays["opacities"]))
+    if opacities.max() < MIN_VISIBLE_OPACITY:
+        raise MeshingError(
+            "no_surface", f"all {N} Gaussians are transparent (max opacity {opacities.max():.2g}): nothing to mesh"
+        )
+    if np.abs(arrays["quats"]).sum(1).min() == 0:
+        raise MeshingError("invalid_splats", "some Gaussians have an all-zero rotation quaternion")
+    return GaussianArrays(
+        means=arrays["means"],
+        rotations=quats_to_rotations(arrays["quats"]),
+        scales=np.exp(np.clip(arrays["scales"], -30.0, 30.0)),
+        opacities=opacities,
+        rgb=np.clip(0.5 + SH_C0 * arrays["sh0"][:, 0, :], 0.0, 1.0),
+    )
+
+
+def mesh_from_splats(
+    splats: dict,
+    config: MeshConfig | Config | None = None,
+    progress: Progress | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> MeshResult:
+    """Splats (a dict of tensors, any device) -> a cleaned, textured mesh in the splats' frame."""
+    cfg = _mesh_config(config) if config is not None else MeshConfig()
+    report_progress = progress or (lambda fraction, message: None)
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = seconds.get(name, 0.0) + now - clock
+        clock = now
+
+    # 1. Density grid.
+    report_progress(0.0, "meshing: density grid")
+    gaussians = splats_to_gaussians(splats)
+    grid = evaluate_density(
+        gaussians,
+        cfg.grid_resolution,
+        cancel=cancel,
+        progress=lambda f, m: report_progress(0.3 * f, f"meshing: {m}"),
+    )
+    lap("density")
+
+    # 2. Surface: iso-level, cavities, marching cubes.
+    check_cancel(cancel)
+    report_progress(0.3, "meshing: marching cubes")
+    field_values = grid.values.copy()
+    if cfg.threshold > 0:
+        iso = cfg.threshold  # an absolute density level, as the user asked
+    else:
+        peak = typical_peak_density(grid, gaussians)
+        if not peak > 0:
+            raise MeshingError("no_surface", "the splats' density is zero at their own centres: nothing to mesh")
+        normalise_locally(field_values, NORMALISATION_FLOOR * peak)
+        iso = cfg.threshold_fraction
+    if not float(field_values.max()) > iso:
+        raise MeshingError(
+            "no_surface",
+            f"no density reaches the iso-level {iso:.3g} (max {float(field_values.max()):.3g}); lower mesh.threshold",
+        )
+    if cfg.fill_cavities:
+        fill_cavities(field_values, iso)
+    # The outermost samples are zero by construction (the grid has an empty margin): closed surfaces.
+    vertices_ijk, faces = mcubes.marching_cubes(field_values, iso)
+    del field_values
+    if len(faces) == 0:
+        raise MeshingError("no_surface", f"marching cubes found no surface at iso-level {iso:.3g}")
+    vertices = grid.to_world(vertices_ijk)
+    faces = faces.astype(np.int64)
+    faces = drop_degenerate(faces)
+    lap("marching_cubes")
+
+    # 3. Cleanup.
+    check_cancel(cancel)
+    report_progress(0.45, "meshing: cleanup and decimation")
+    vertices, faces, removed = remove_small_components(vertices, faces, cfg.min_component_fraction)
+    components, _ = face_components(len(vertices), faces)
+    if cfg.face_budget < 4 * components:
+        raise MeshingError(
+            "impossible_budget",
+            f"a face budget of {cfg.face_budget} cannot hold {components} closed components "
+            f"(at least {4 * components} faces); raise mesh.face_budget or mesh.min_component_fraction",
+        )
+    vertices, faces = decimate(vertices, faces, cfg.face_budget)
+    lap("decimate")
+    check_cancel(cancel)
+    snap_mean = 0.0
+    if cfg.snap_to_splats:
+        vertices, snap_mean = snap_to_ridge(vertices, vertex_normals(vertices, faces), grid)
+    vertices = taubin_smooth(vertices, faces, cfg.smooth_iterations)
+    faces = drop_degenerate(faces)
+    normals = vertex_normals(vertices, faces)
+    stats = mesh_statistics(vertices, faces)
+    lap("smooth")
+    grid_shape, voxel_size = tuple(int(n) for n in grid.values.shape), float(grid.voxel)
+    del grid
+
+    # 4. Texture.
+    check_cancel(cancel)
+    report_progress(0.6, "meshing: UV atlas")
+    blur = 0.5 * (np.percentile(gaussians.scales.max(1), 50) if len(gaussians.scales) else 0.0)
+    uvs = texture = vertex_colors = None
+    charts, coverage, overlaps = 0, 0.0, 0
+    if cfg.bake_texture:
+        uv_mesh = unwrap(vertices, faces, cfg.texture_size, cfg.texture_padding)
+        lap("uv_unwrap")
+        check_cancel(cancel)
+        report_progress(0.75, "meshing: baking the albedo texture")
+        texture, bake_stats = bake_albedo(uv_mesh, gaussians, cfg.texture_size, blur, cancel=cancel)
+        vertices, faces, uvs = uv_mesh.vertices, uv_mesh.faces, uv_mesh.uvs
+        normals = normals[uv_mesh.source_vertex]
+        charts, coverage, overlaps = uv_mesh.charts, bake_stats["uv_coverage"], bake_stats["uv_overlap_texels"]
+        lap("bake")
+    else:
+        rgb = splat_colors_at(vertices, gaussians, blur, cancel=cancel)
+        vertex_colors = np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
+        lap("bake")
+
+    report = MeshReport(
+        faces=stats["faces"],
+        vertices=stats["vertices"],
+        components=stats["components"],
+        watertight=stats["watertight"],
+        removed_components=removed,
+        grid_shape=grid_shape,
+        voxel_size=voxel_size,
+        iso_level=float(iso),
+        textured=texture is not None,
+        texture_size=int(cfg.texture_size) if texture is not None else 0,
+        charts=charts,
+        uv_coverage=coverage,
+        uv_overlap_texels=overlaps,
+        mean_snap_distance=snap_mean,
+        stage_seconds=seconds,
+    )
+    report_progress(1.0, f"meshing: done, {report.faces} faces")
+    return MeshResult(vertices, faces, normals, uvs, texture, vertex_colors, report)
+
+
+def export_glb(result: MeshResult, path: str | Path) -> None:
+    """Write the mesh as a .glb (Y up on disk, PBR baseColor texture), atomically."""
+    if len(result.faces) == 0:
+        raise MeshingError("no_surface", "refusing to write an empty mesh")
+    write_glb(
+        path,
+        vertices=result.vertices,
+        faces=result.faces,
+        normals=result.normals,
+        uvs=result.uvs,
+        texture=result.texture,
+        vertex_colors=result.vertex_colors,
+    )
+
+
+def mesh_ply_to_glb(
+    ply_path: str | Path,
+    out_path: str | Path,
+    config: Config | MeshConfig | None = None,
+    progress: Progress | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> MeshReport:
+    """`im3d mesh SPLATS.ply --out mesh.glb`: read 3DGS splats, mesh them, write the GLB."""
+    from im3d.splats.ply import PlyError, read_ply
+
+    try:
+        splats = read_ply(ply_path)
+    except PlyError as error:
+        raise MeshingError("invalid_splats", str(error)) from None
+    result = mesh_from_splats(splats, config, progress, cancel)
+    export_glb(result, out_path)
+    return result.report

@@ -1,0 +1,144 @@
+"""Mesh cleanup after marching cubes: floaters, decimation, snapping onto the splats, smoothing."""
+
+from __future__ import annotations
+
+import fast_simplification
+import numpy as np
+import trimesh
+from scipy import sparse
+from scipy.sparse import csgraph
+
+from im3d.mesh.density import DensityGrid, sample_grid
+from im3d.mesh.errors import MeshingError
+
+
+def face_components(num_vertices: int, faces: np.ndarray) -> tuple[int, np.ndarray]:
+    """Connected components through shared vertices: (count, label per face)."""
+    edges = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]]], axis=0)
+    adjacency = sparse.coo_matrix(
+        (np.ones(len(edges), np.int8), (edges[:, 0], edges[:, 1])), shape=(num_vertices, num_vertices)
+    )
+    count, vertex_label = csgraph.connected_components(adjacency, directed=False)
+    return count, vertex_label[faces[:, 0]]
+
+
+def remove_small_components(
+    vertices: np.ndarray,  # [V, 3]
+    faces: np.ndarray,  # [F, 3]
+    min_fraction: float,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Drop components with fewer than `min_fraction` of all faces (the largest always stays).
+
+    Returns the compacted mesh and the number of components removed.
+    """
+    count, label = face_components(len(vertices), faces)
+    sizes = np.bincount(label, minlength=count)
+    keep_component = sizes >= min_fraction * len(faces)
+    keep_component[np.argmax(sizes)] = True
+    present = sizes > 0
+    removed = int((present & ~keep_component).sum())
+    v, f = compact(vertices, faces[keep_component[label]])
+    return v, f, removed
+
+
+def compact(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop unreferenced vertices and renumber the faces."""
+    used = np.zeros(len(vertices), bool)
+    used[faces.ravel()] = True
+    new_index = np.cumsum(used) - 1
+    return vertices[used], new_index[faces].astype(np.int64)
+
+
+def decimate(vertices: np.ndarray, faces: np.ndarray, face_budget: int) -> tuple[np.ndarray, np.ndarray]:
+    """Quadric edge-collapse decimation to at most `face_budget` faces (no-op when already below)."""
+    if len(faces) <= face_budget:
+        return vertices, faces
+    v, f = vertices, faces
+    # fast-simplification may stop short of the target on the first pass (it will not collapse
+    # edges that would fold triangles); a second, more aggressive pass gets there.
+    for aggressiveness in (7.0, 9.0):
+        v, f = fast_simplification.simplify(v.astype(np.float64), f.astype(np.int64), target_count=face_budget, agg=aggressiveness)
+        if len(f) <= face_budget:
+            break
+    if len(f) > face_budget * 1.02:
+        raise MeshingError(
+            "impossible_budget",
+            f"cannot decimate the surface to {face_budget} faces (stopped at {len(f)}); raise mesh.face_budget",
+        )
+    v, f = compact(np.asarray(v), np.asarray(f))
+    return v, drop_degenerate(f)
+
+
+def drop_degenerate(faces: np.ndarray) -> np.ndarray:
+    """Faces that repeat a vertex index (marching cubes and edge collapses leave a few).
+
+    Zero-area faces with three distinct vertices stay: removing them would open holes.
+    """
+    distinct = (faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])
+    return faces[distinct]
+
+
+def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Area-weighted vertex normals, unit length (a vertex without area gets +Z)."""
+    tri = vertices[faces]
+    face_n = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])  # length = 2 * area
+    normals = np.zeros_like(vertices)
+    for corner in range(3):
+        np.add.at(normals, faces[:, corner], face_n)
+    length = np.linalg.norm(normals, axis=1, keepdims=True)
+    bad = length[:, 0] < 1e-20
+    normals[bad] = [0.0, 0.0, 1.0]
+    length[bad] = 1.0
+    return normals / length
+
+
+def snap_to_ridge(
+    vertices: np.ndarray,  # [V, 3]
+    normals: np.ndarray,  # [V, 3] outward
+    grid: DensityGrid,
+    max_depth_voxels: float = 3.5,
+    steps: int = 15,
+) -> tuple[np.ndarray, float]:
+    """Move each vertex inward onto the density ridge of the sheet of splats beneath it.
+
+    The iso-surface lies a fixed distance outside the splats (the threshold is below the peak);
+    splats sit *on* the surface, so the true surface is the ridge: the density maximum along the
+    inward normal. Vertices whose density keeps rising to the search depth are inside a solid
+    region (no sheet) and stay where they are. Returns the new vertices and the mean shift.
+    """
+    depths = np.linspace(0.0, max_depth_voxels * grid.voxel, steps)  # [S]
+    probes = vertices[:, None, :] - normals[:, None, :] * depths[None, :, None]  # [V, S, 3]
+    density = sample_grid(grid, probes.reshape(-1, 3)).reshape(len(vertices), steps)
+    best = np.argmax(density, axis=1)
+    ridge = (best > 0) & (best < steps - 1)
+    # Parabola through the maximum and its neighbours: sub-step ridge position.
+    rows = np.nonzero(ridge)[0]
+    b = best[rows]
+    d0, d1, d2 = density[rows, b - 1], density[rows, b], density[rows, b + 1]
+    curvature = d0 - 2 * d1 + d2
+    offset = np.where(curvature < -1e-12, 0.5 * (d0 - d2) / np.where(curvature < -1e-12, curvature, -1.0), 0.0)
+    depth = np.zeros(len(vertices))
+    depth[rows] = (b + np.clip(offset, -0.5, 0.5)) * (depths[1] - depths[0])
+    return vertices - normals * depth[:, None], float(depth.mean()) if len(depth) else 0.0
+
+
+def taubin_smooth(vertices: np.ndarray, faces: np.ndarray, iterations: int) -> np.ndarray:
+    """Volume-preserving smoothing (Taubin lambda|mu), light: removes marching-cubes ripples."""
+    if iterations <= 0:
+        return vertices
+    mesh = trimesh.Trimesh(vertices, faces, process=False)
+    trimesh.smoothing.filter_taubin(mesh, lamb=0.5, nu=0.53, iterations=iterations)
+    return np.asarray(mesh.vertices)
+
+
+def mesh_statistics(vertices: np.ndarray, faces: np.ndarray) -> dict:
+    """Faces, vertices, components, watertight (every edge shared by exactly two faces, consistently)."""
+    mesh = trimesh.Trimesh(vertices, faces, process=False)
+    count, _ = face_components(len(vertices), faces)
+    return {
+        "faces": int(len(faces)),
+        "vertices": int(len(vertices)),
+        "components": int(count),
+        "watertight": bool(mesh.is_watertight and mesh.is_winding_consistent),
+        "area": float(mesh.area),
+    }

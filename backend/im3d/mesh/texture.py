@@ -1,0 +1,201 @@
+"""UV atlas and albedo bake.
+
+UVs: faces are grouped by the axis their normal points along most (+-X, +-Y, +-Z); each connected
+group is projected orthographically onto its axis plane, so no triangle flips, and xatlas packs
+those charts with padding. (xatlas' own chart search takes 15-25 s on 50k faces; the packing
+alone takes well under a second.)
+
+Bake: every texel whose centre lies in a triangle gets that triangle's surface point; its colour
+is the density-weighted average of the SH degree-0 colours of the Gaussians around the point.
+Empty texels take the colour of the nearest baked texel, so bilinear filtering and every
+mip-map level see surface colours, never a dark background.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+import xatlas
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+from im3d.errors import check_cancel
+from im3d.mesh.density import GaussianArrays, covariances
+
+
+@dataclass
+class UVMesh:
+    vertices: np.ndarray  # [V', 3] vertices split along UV seams
+    faces: np.ndarray  # [F, 3]
+    uvs: np.ndarray  # [V', 2] in [0, 1], glTF convention (v = 0 is the image's top row)
+    source_vertex: np.ndarray  # [V'] index of each vertex in the unsplit mesh
+    charts: int
+
+
+def unwrap(vertices: np.ndarray, faces: np.ndarray, texture_size: int, padding: int) -> UVMesh:
+    tri = vertices[faces]
+    normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    axis = np.argmax(np.abs(normal), axis=1)
+    positive = normal[np.arange(len(faces)), axis] > 0
+    group = axis * 2 + positive
+    # A vertex is split once per facing group it touches: a chart is a connected set of faces of
+    # one group, and charts meet only along seams.
+    key = faces.astype(np.int64) * 6 + group[:, None]
+    unique_keys, inverse = np.unique(key.ravel(), return_inverse=True)
+    split_faces = inverse.reshape(-1, 3)
+    source = unique_keys // 6
+    vertex_group = unique_keys % 6
+    plane_axes = np.array([[1, 2], [2, 0], [0, 1]])[vertex_group // 2]  # right-handed (u, v) per axis
+    positions = vertices[source]
+    rows = np.arange(len(source))
+    uv = np.stack([positions[rows, plane_axes[:, 0]], positions[rows, plane_axes[:, 1]]], axis=1)
+    uv[vertex_group % 2 == 0, 0] *= -1.0  # mirror charts seen from the negative side: no flips
+
+    atlas = xatlas.Atlas()
+    atlas.add_mesh(positions.astype(np.float32), split_faces.astype(np.uint32), None, uv.astype(np.float32))
+    chart_options = xatlas.ChartOptions()
+    chart_options.use_input_mesh_uvs = True
+    pack_options = xatlas.PackOptions()
+    pack_options.resolution = int(texture_size)
+    pack_options.padding = int(padding)
+    pack_options.bilinear = True
+    atlas.generate(chart_options, pack_options)
+    vmapping, indices, uvs = atlas[0]
+    return UVMesh(
+        vertices=positions[vmapping],
+        faces=indices.astype(np.int64),
+        uvs=np.clip(uvs.astype(np.float64), 0.0, 1.0),
+        source_vertex=source[vmapping],
+        charts=int(atlas.chart_count),
+    )
+
+
+@numba.njit(cache=True)
+def _rasterize_uv(uv_px, faces, face_of_texel, bary):
+    """Texels whose centre falls in a triangle: face id + barycentrics. Returns overlapping texels."""
+    H, W = face_of_texel.shape
+    overlaps = 0
+    for f in range(faces.shape[0]):
+        ax, ay = uv_px[faces[f, 0], 0], uv_px[faces[f, 0], 1]
+        bx, by = uv_px[faces[f, 1], 0], uv_px[faces[f, 1], 1]
+        cx, cy = uv_px[faces[f, 2], 0], uv_px[faces[f, 2], 1]
+        det = (by - cy) * (ax - cx) + (cx - bx) * (ay - cy)
+        if abs(det) < 1e-12:
+            continue
+        x0 = max(0, int(np.floor(min(ax, bx, cx) - 0.5)))
+        x1 = min(W - 1, int(np.ceil(max(ax, bx, cx) - 0.5)))
+        y0 = max(0, int(np.floor(min(ay, by, cy) - 0.5)))
+        y1 = min(H - 1, int(np.ceil(max(ay, by, cy) - 0.5)))
+        for y in range(y0, y1 + 1):
+            py = y + 0.5
+            for x in range(x0, x1 + 1):
+                px = x + 0.5
+                l0 = ((by - cy) * (px - cx) + (cx - bx) * (py - cy)) / det
+                l1 = ((cy - ay) * (px - cx) + (ax - cx) * (py - cy)) / det
+                l2 = 1.0 - l0 - l1
+                if l0 >= -1e-6 and l1 >= -1e-6 and l2 >= -1e-6:
+                    if face_of_texel[y, x] >= 0 and face_of_texel[y, x] != f:
+                        overlaps += 1
+                    face_of_texel[y, x] = f
+                    bary[y, x, 0] = l0
+                    bary[y, x, 1] = l1
+                    bary[y, x, 2] = l2
+    return overlaps
+
+
+def texel_surface_points(uv_mesh: UVMesh, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """Covered texels: (world points [P,3], face [P], rows [P], cols [P], overlapping texels)."""
+    face_of_texel = np.full((size, size), -1, np.int64)
+    bary = np.zeros((size, size, 3))
+    overlaps = _rasterize_uv(uv_mesh.uvs * size, uv_mesh.faces, face_of_texel, bary)
+    rows, cols = np.nonzero(face_of_texel >= 0)
+    f = face_of_texel[rows, cols]
+    corners = uv_mesh.vertices[uv_mesh.faces[f]]  # [P, 3, 3]
+    points = np.einsum("pc,pcd->pd", bary[rows, cols], corners)
+    return points, f, rows, cols, int(overlaps)
+
+
+def splat_colors_at(
+    points: np.ndarray,  # [P, 3]
+    gaussians: GaussianArrays,
+    blur: float,
+    groups: np.ndarray | None = None,  # [P] group (face) of each point
+    group_centres: np.ndarray | None = None,  # [G, 3]
+    neighbours: int = 32,
+    cancel=None,
+) -> np.ndarray:
+    """Density-weighted mean SH-DC colour of the Gaussians near each point, [P, 3] in [0, 1].
+
+    `blur` (world units) widens every Gaussian a little, so a point a fraction of a voxel off a
+    flat splat still sees it. With `groups`, the candidates are the `neighbours` Gaussians nearest
+    to each group's centre (one tree query per face instead of one per texel: ~10x fewer).
+    """
+    tree = cKDTree(gaussians.means)
+    inv_cov = np.linalg.inv(covariances(gaussians, blur * blur)).reshape(-1, 9)
+    k = min(neighbours, len(gaussians.means))
+    check_cancel(cancel)
+    if groups is None:
+        _, index = tree.query(points, k=k, workers=-1)
+        groups = np.arange(len(points))
+    else:
+        _, index = tree.query(group_centres, k=k, workers=-1)
+    index = index.reshape(-1, k).astype(np.int64)
+    check_cancel(cancel)
+    return _weighted_colors(points, groups.astype(np.int64), index, gaussians.means, inv_cov, gaussians.opacities, gaussians.rgb)
+
+
+@numba.njit(parallel=True, cache=True, fastmath=True)
+def _weighted_colors(points, groups, index, means, inv_cov, opacities, rgb):
+    P = points.shape[0]
+    K = index.shape[1]
+    out = np.empty((P, 3))
+    for p in numba.prange(P):
+        total = 0.0
+        r = g = b = 0.0
+        for n in range(K):
+            i = index[groups[p], n]
+            dx = points[p, 0] - means[i, 0]
+            dy = points[p, 1] - means[i, 1]
+            dz = points[p, 2] - means[i, 2]
+            q = (inv_cov[i, 0] * dx * dx + inv_cov[i, 4] * dy * dy + inv_cov[i, 8] * dz * dz
+                 + 2.0 * (inv_cov[i, 1] * dx * dy + inv_cov[i, 2] * dx * dz + inv_cov[i, 5] * dy * dz))  # fmt: skip
+            w = opacities[i] * np.exp(-0.5 * min(q, 80.0)) + 1e-30 * (n == 0)  # nearest wins when all vanish
+            total += w
+            r += w * rgb[i, 0]
+            g += w * rgb[i, 1]
+            b += w * rgb[i, 2]
+        out[p, 0] = r / total
+        out[p, 1] = g / total
+        out[p, 2] = b / total
+    return out
+
+
+def fill_empty_texels(image: np.ndarray, covered: np.ndarray) -> np.ndarray:
+    """Every uncovered texel takes its nearest covered texel's colour (seams and mip-maps stay clean)."""
+    if covered.all() or not covered.any():
+        return image
+    _, (rows, cols) = ndimage.distance_transform_edt(~covered, return_indices=True)
+    return image[rows, cols]
+
+
+def bake_albedo(
+    uv_mesh: UVMesh,
+    gaussians: GaussianArrays,
+    size: int,
+    blur: float,
+    cancel=None,
+) -> tuple[np.ndarray, dict]:
+    """Albedo texture [size, size, 3] uint8 from the splats' colours, and bake statistics."""
+    points, face, rows, cols, overlaps = texel_surface_points(uv_mesh, size)
+    check_cancel(cancel)
+    centroids = uv_mesh.vertices[uv_mesh.faces].mean(axis=1)
+    colors = splat_colors_at(points, gaussians, blur, groups=face, group_centres=centroids, cancel=cancel)
+    image = np.zeros((size, size, 3))
+    image[rows, cols] = colors
+    covered = np.zeros((size, size), bool)
+    covered[rows, cols] = True
+    image = fill_empty_texels(image, covered)
+    stats = {"texels_baked": int(len(rows)), "uv_overlap_texels": overlaps, "uv_coverage": float(covered.mean())}
+    return np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8), stats

@@ -1,0 +1,265 @@
+"""The IM-3D method as numbered stages, each reporting progress and honouring cancel.
+
+    generate:    prompt | image → 1 reference image → 2 orbit video → 3 fit splats
+                 → 4 for each round: render at the video's cameras, re-diffuse, keep fitting
+                 → 5 mesh + texture → 6 artifacts
+    refine:      views of an existing object (+ prompt, optional image) → 3 fit → 4 re-diffuse the
+                 views at the chosen strength and keep fitting → 5 mesh → 6 artifacts
+    reconstruct: views → 3 fit → 5 mesh → 6 artifacts (no diffusion, no generative weights)
+
+`run_job()` is what the job service calls; the CLI calls it too. Artifacts are written
+atomically into the job's work directory; the service writes `manifest.json` after it returns.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from im3d.cameras import Cameras, MultiViewDataset, find_transforms, orbit_cameras, read_transforms
+from im3d.config import Config, refine_strength
+from im3d.errors import PipelineError, check_cancel
+from im3d.io_utils import atomic_write_bytes, atomic_write_json
+
+ProgressFn = Callable[[str, float, str, "Path | None"], None]
+
+# Relative cost of the stages, for one overall progress fraction.
+STAGE_WEIGHTS = {
+    "load": 0.02,
+    "reference": 0.08,
+    "orbit": 0.2,
+    "fit": 0.4,
+    "refine": 0.2,
+    "mesh": 0.08,
+    "export": 0.02,
+}
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("device_unavailable", "pipeline.device is 'cuda' but no CUDA GPU is available; use 'auto' or 'cpu'")
+    if requested == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise PipelineError("device_unavailable", "pipeline.device is 'mps' but Apple MPS is not available; use 'auto' or 'cpu'")
+    return torch.device(requested)
+
+
+class StageProgress:
+    """Maps (stage, fraction within the stage) to one overall fraction for the stages a job runs."""
+
+    def __init__(self, stages: list[str], report: ProgressFn | None):
+        total = sum(STAGE_WEIGHTS[s] for s in stages)
+        self.offsets: dict[str, tuple[float, float]] = {}
+        acc = 0.0
+        for s in stages:
+            self.offsets[s] = (acc / total, STAGE_WEIGHTS[s] / total)
+            acc += STAGE_WEIGHTS[s]
+        self.report = report
+        self.number = {s: i + 1 for i, s in enumerate(stages)}
+        self.count = len(stages)
+
+    def __call__(self, stage: str, fraction: float, message: str, preview: Path | None = None) -> None:
+        if self.report is None:
+            return
+        start, width = self.offsets[stage]
+        overall = min(1.0, start + width * min(max(fraction, 0.0), 1.0))
+        self.report(stage, overall, f"[{self.number[stage]}/{self.count}] {message}", preview)
+
+
+_LPIPS_CACHE: dict[tuple[str, str], torch.nn.Module] = {}
+
+
+def lpips_model(config: Config, device: torch.device) -> torch.nn.Module | None:
+    """LPIPS kept warm for the life of the process (the service runs many jobs)."""
+    if config.recon.lpips_weight <= 0:
+        return None
+    from im3d.splats.losses import load_lpips
+
+    key = (config.recon.lpips_net, str(device))
+    if key not in _LPIPS_CACHE:
+        _LPIPS_CACHE[key] = load_lpips(config.recon.lpips_net, device)
+    return _LPIPS_CACHE[key]
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    return (images.detach().float().clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def save_png(path: Path, image: Tensor | np.ndarray) -> Path:
+    """[H,W,3|4] float in [0,1] or uint8 -> PNG, written atomically."""
+    import io
+
+    from PIL import Image
+
+    array = image if isinstance(image, np.ndarray) else to_uint8(image)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def image_strip(images: Tensor, max_views: int = 8) -> Tensor:
+    """[C,H,W,K] -> one row [H, min(C,max_views)*W, K] of evenly picked views."""
+    C = images.shape[0]
+    picks = torch.linspace(0, C - 1, min(C, max_views)).round().long()
+    return torch.cat(list(images[picks]), dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class JobOutput:
+    artifacts: dict[str, Path] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    evaluations: int = 0  # generative-model network evaluations (the paper's efficiency measure)
+
+
+def run_job(request: dict, workdir: Path, config: Config, progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None) -> dict[str, Path]:
+    """Run one job; returns artifact name -> path inside `workdir` (see module docstring)."""
+    kind = request.get("kind")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if kind == "reconstruct" or (kind == "refine" and not config.diffusion.enabled):
+        output = reconstruct(request, workdir, config, progress, cancel)
+    elif kind == "refine":
+        output = refine(request, workdir, config, progress, cancel)
+    elif kind == "generate":
+        output = generate(request, workdir, config, progress, cancel)
+    else:
+        raise PipelineError("invalid_request", f"unknown job kind {kind!r}; use generate, refine or reconstruct")
+    return output.artifacts
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared stages
+
+
+def _load_views(request: dict, report: StageProgress, config: Config) -> tuple[MultiViewDataset, MultiViewDataset | None]:
+    from im3d.cameras import DatasetError
+
+    views = request.get("views")
+    if views is None:
+        raise PipelineError("invalid_request", f"a {request.get('kind')} job needs a views dataset (a folder with transforms.json)")
+    report("load", 0.0, "reading views")
+    try:
+        train = read_transforms(views, "train")
+    except DatasetError as error:
+        raise PipelineError("invalid_views", f"the views dataset cannot be used: {error}") from None
+    test = None
+    try:
+        find_transforms(views, "test")
+        test = read_transforms(views, "test")
+    except DatasetError:
+        test = None  # held-out views are optional
+    if bool((train.masks < 0.5).all()):
+        raise PipelineError("no_object_found", "no object found: every pixel of every view is transparent (alpha 0)")
+    report("load", 1.0, f"{len(train.cameras)} views of {train.cameras.width}x{train.cameras.height}")
+    return train, test
+
+
+def _fit(fitter, steps: int, stage: str, report: StageProgress, workdir: Path, config: Config, cancel, label: str) -> dict[str, Any]:
+    preview_cameras = fitter.cameras[torch.linspace(0, len(fitter.cameras) - 1, min(4, len(fitter.cameras))).round().long().tolist()]
+
+    def on_step(info) -> None:
+        preview = None
+        if info.step % config.pipeline.preview_every == 0 or info.step == info.total:
+            colors, _ = fitter.render(preview_cameras)
+            preview = save_png(workdir / "previews" / "latest.png", image_strip(colors))
+        report(stage, info.step / info.total, f"{label}: step {info.step}/{info.total}, loss {info.loss:.4f}, {info.num_gaussians} Gaussians", preview)
+
+    result = fitter.fit(steps, on_step=on_step, cancel=cancel)
+    return {"steps": result.steps, "loss": result.final_loss, "seconds": result.seconds, "gaussians": result.num_gaussians, "rollbacks": result.rollbacks}
+
+
+def _mesh_and_export(fitter, workdir: Path, config: Config, report: StageProgress, cancel, output: JobOutput, views: MultiViewDataset | None) -> None:
+    from im3d.mesh import mesh_from_splats
+    from im3d.splats.ply import save_ply
+
+    check_cancel(cancel)
+    report("mesh", 0.0, "extracting the surface")
+    splats = {k: v.detach().cpu() for k, v in fitter.splats.items()}
+    started = time.perf_counter()
+    mesh_views = None
+    if views is not None:
+        mesh_views = (views.cameras, views.images, views.masks)
+    result = mesh_from_splats(
+        splats, config.mesh,
+        progress=lambda f, m: report("mesh", f, m), cancel=cancel, views=mesh_views,
+        out_path=workdir / "mesh.glb",
+    )
+    output.timings["mesh_s"] = time.perf_counter() - started
+    output.metrics["mesh"] = result.report() if hasattr(result, "report") else dict(result.stats)
+    output.artifacts["mesh.glb"] = workdir / "mesh.glb"
+
+    report("export", 0.0, "writing splats and previews")
+    save_ply(splats, workdir / "splats.ply")
+    output.artifacts["splats.ply"] = workdir / "splats.ply"
+    turntable = orbit_cameras(
+        8, elevation_deg=15.0, radius=1.1 * fitter.scene_scale / math.tan(math.radians(20)), fov_deg=40.0,
+        width=192, target=tuple(float(x) for x in fitter.center),
+    )
+    colors, _ = fitter.render(turntable)
+    output.artifacts["preview.png"] = save_png(workdir / "preview.png", image_strip(colors))
+    report("export", 1.0, "done")
+
+
+def _finish(workdir: Path, config: Config, output: JobOutput) -> None:
+    output.metrics["timings"] = output.timings
+    output.metrics["model_evaluations"] = output.evaluations
+    atomic_write_json(workdir / "metrics.json", output.metrics)
+    output.artifacts["metrics.json"] = workdir / "metrics.json"
+    config.save(workdir / "config.json")
+    output.artifacts["config.json"] = workdir / "config.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# The three kinds of job
+
+
+def reconstruct(request: dict, workdir: Path, config: Config, progress: ProgressFn | None, cancel) -> JobOutput:
+    """Views → fit → mesh. No generative model: runs anywhere, with no weights but LPIPS's backbone."""
+    from im3d.splats.fit import SplatFitter
+
+    report = StageProgress(["load", "fit", "mesh", "export"], progress)
+    output = JobOutput()
+    device = pick_device(config.pipeline.device)
+    train, test = _load_views(request, report, config)
+    check_cancel(cancel)
+    started = time.perf_counter()
+    fitter = SplatFitter(config.recon, train.cameras, train.images, train.masks, device, lpips_model(config, device))
+    output.metrics["fit"] = _fit(fitter, config.recon.steps, "fit", report, workdir, config, cancel, "fitting splats")
+    output.timings["fit_s"] = time.perf_counter() - started
+    if test is not None:
+        output.metrics["heldout"] = fitter.evaluate(test.cameras, test.images, test.masks)
+    output.metrics["train"] = fitter.evaluate(train.cameras, train.images, train.masks)
+    _mesh_and_export(fitter, workdir, config, report, cancel, output, train)
+    _finish(workdir, config, output)
+    return output
+
+
+def refine(request: dict, workdir: Path, config: Config, progress: ProgressFn | None, cancel) -> JobOutput:
+    raise PipelineError("not_available", "refine with diffusion needs the diffusion stage")
+
+
+def generate(request: dict, workdir: Path, config: Config, progress: ProgressFn | None, cancel) -> JobOutput:
+    raise PipelineError("not_available", "generate needs the diffusion stage")

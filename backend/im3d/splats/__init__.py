@@ -1,0 +1,1 @@
+"""Gaussian splats: model, rasterizer backends, losses, fitting loop, PLY I/O."""

@@ -1,0 +1,298 @@
+"""Ground-truth multi-view datasets rendered with Blender (the `bpy` module).
+
+Each object is built from Blender primitives and modifiers, centred on the origin, about 1 m across,
+with an unlit procedural albedo (an emission shader driven by a procedural texture, so there is
+texture to reconstruct), rendered with Cycles on the CPU into a transparent film:
+
+    DIR/<object>/transforms_train.json + train/r_XXX.png   16 views on an orbit (elevation 15 deg)
+    DIR/<object>/transforms_test.json  + test/r_XXX.png    8 held-out views off that orbit
+    DIR/<object>/mesh.ply                                   the ground-truth mesh, world frame
+
+    python bench/render_datasets.py --out /tmp/gt --size 128 --objects suzanne,mug,rounded_box,torus_knot
+
+The repository ships `bench/data/suzanne/` made by `--out bench/data --size 128 --objects suzanne`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import struct
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import bpy  # first: bmesh and mathutils come with it
+import bmesh
+from mathutils import Matrix, Vector
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from im3d_blender.turntable import TurntableRender, orbit_views  # noqa: E402
+
+TRAIN_ELEVATION_DEG = 15.0
+# Held-out views: between the training azimuths and at other elevations, so they test 3D, not interpolation.
+TEST_VIEWS = [(22.5 + 45.0 * i, elevation) for i, elevation in enumerate([35.0, -10.0, 50.0, 0.0] * 2)]
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. geometry
+
+
+def _evaluated_mesh(obj: bpy.types.Object, name: str) -> bpy.types.Mesh:
+    """The object's mesh with its modifiers applied, as a new datablock."""
+    depsgraph = bpy.context.evaluated_depsgraph_get()
+    mesh = bpy.data.meshes.new_from_object(obj.evaluated_get(depsgraph), depsgraph=depsgraph)
+    mesh.name = name
+    return mesh
+
+
+def _object_with_modifiers(mesh: bpy.types.Mesh, modifiers: Callable[[bpy.types.Object], None]) -> bpy.types.Mesh:
+    scene = bpy.context.scene
+    temporary = bpy.data.objects.new("build", mesh)
+    scene.collection.objects.link(temporary)
+    modifiers(temporary)
+    result = _evaluated_mesh(temporary, mesh.name)
+    bpy.data.objects.remove(temporary)
+    return result
+
+
+def _bmesh_to_mesh(name: str, build: Callable[[bmesh.types.BMesh], None]) -> bpy.types.Mesh:
+    bm = bmesh.new()
+    build(bm)
+    mesh = bpy.data.meshes.new(name)
+    bm.to_mesh(mesh)
+    bm.free()
+    return mesh
+
+
+def build_suzanne() -> bpy.types.Mesh:
+    mesh = _bmesh_to_mesh("suzanne", lambda bm: bmesh.ops.create_monkey(bm))
+
+    def modifiers(obj):
+        obj.modifiers.new("subdivision", "SUBSURF").levels = 1
+
+    return _object_with_modifiers(mesh, modifiers)
+
+
+def _torus(bm: bmesh.types.BMesh, major: float, minor: float, segments: int, rings: int, matrix: Matrix) -> None:
+    grid = []
+    for i in range(segments):
+        u = 2 * math.pi * i / segments
+        ring = []
+        for j in range(rings):
+            v = 2 * math.pi * j / rings
+            r = major + minor * math.cos(v)
+            ring.append(bm.verts.new(matrix @ Vector((r * math.cos(u), r * math.sin(u), minor * math.sin(v)))))
+        grid.append(ring)
+    for i in range(segments):
+        for j in range(rings):
+            a, b = grid[i][j], grid[(i + 1) % segments][j]
+            c, d = grid[(i + 1) % segments][(j + 1) % rings], grid[i][(j + 1) % rings]
+            bm.faces.new((a, b, c, d))
+
+
+def build_mug() -> bpy.types.Mesh:
+    body = _bmesh_to_mesh(
+        "mug",
+        lambda bm: bmesh.ops.create_cone(
+            bm, cap_ends=True, cap_tris=False, segments=48, radius1=0.35, radius2=0.35, depth=0.9
+        ),
+    )
+    # The handle: a torus standing in the XZ plane, half sunk into the body, joined by a boolean union.
+    handle_mesh = _bmesh_to_mesh(
+        "mug handle", lambda bm: _torus(bm, 0.22, 0.06, 32, 12, Matrix.Translation((0.38, 0, 0)) @ Matrix.Rotation(math.pi / 2, 4, "X"))
+    )
+    handle = bpy.data.objects.new("mug handle", handle_mesh)
+    bpy.context.scene.collection.objects.link(handle)
+
+    def modifiers(obj):
+        union = obj.modifiers.new("handle", "BOOLEAN")
+        union.operation, union.solver, union.object = "UNION", "EXACT", handle
+
+    result = _object_with_modifiers(body, modifiers)
+    bpy.data.objects.remove(handle)
+    return result
+
+
+def build_rounded_box() -> bpy.types.Mesh:
+    def cube(bm):
+        bmesh.ops.create_cube(bm, size=1.0, matrix=Matrix.Diagonal((1.0, 0.7, 0.55, 1.0)))
+
+    def modifiers(obj):
+        bevel = obj.modifiers.new("bevel", "BEVEL")
+        bevel.width, bevel.segments = 0.12, 4
+        obj.modifiers.new("subdivision", "SUBSURF").levels = 1
+
+    return _object_with_modifiers(_bmesh_to_mesh("rounded_box", cube), modifiers)
+
+
+def build_torus_knot(p: int = 2, q: int = 3) -> bpy.types.Mesh:
+    curve = bpy.data.curves.new("torus_knot", "CURVE")
+    curve.dimensions = "3D"
+    curve.bevel_depth, curve.bevel_resolution = 0.09, 4
+    spline = curve.splines.new("POLY")
+    count = 160
+    spline.points.add(count - 1)
+    for i in range(count):
+        t = 2 * math.pi * i / count
+        r = 0.6 + 0.25 * math.cos(q * t)
+        spline.points[i].co = (r * math.cos(p * t), r * math.sin(p * t), 0.25 * math.sin(q * t), 1.0)
+    spline.use_cyclic_u = True
+    obj = bpy.data.objects.new("torus_knot", curve)
+    bpy.context.scene.collection.objects.link(obj)
+    mesh = _evaluated_mesh(obj, "torus_knot")
+    bpy.data.objects.remove(obj)
+    bpy.data.curves.remove(curve)
+    return mesh
+
+
+BUILDERS: dict[str, Callable[[], bpy.types.Mesh]] = {
+    "suzanne": build_suzanne,
+    "mug": build_mug,
+    "rounded_box": build_rounded_box,
+    "torus_knot": build_torus_knot,
+}
+
+
+def normalise(mesh: bpy.types.Mesh, size: float = 1.0) -> None:
+    """Centre the mesh's bounding box on the origin and scale its largest side to `size` metres."""
+    xs, ys, zs = ([v.co[i] for v in mesh.vertices] for i in range(3))
+    low = Vector((min(xs), min(ys), min(zs)))
+    high = Vector((max(xs), max(ys), max(zs)))
+    scale = size / max(high - low)
+    mesh.transform(Matrix.Scale(scale, 4) @ Matrix.Translation(-(low + high) / 2))
+    mesh.update()
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. unlit procedural albedo
+
+
+def _ramp(nodes, links, source, colors):
+    ramp = nodes.new("ShaderNodeValToRGB")
+    elements = ramp.color_ramp.elements
+    while len(elements) < len(colors):
+        elements.new(0.5)
+    for element, (position, color) in zip(elements, colors):
+        element.position, element.color = position, (*color, 1.0)
+    links.new(source, ramp.inputs["Fac"])
+    return ramp.outputs["Color"]
+
+
+def albedo_material(name: str, pattern: str) -> bpy.types.Material:
+    """Emission (strength 1) of a procedural texture in object space: renders exactly the albedo."""
+    material = bpy.data.materials.new(name)
+    nodes, links = material.node_tree.nodes, material.node_tree.links
+    nodes.clear()
+    coords = nodes.new("ShaderNodeTexCoord").outputs["Object"]
+    if pattern == "noise":
+        texture = nodes.new("ShaderNodeTexNoise")
+        texture.inputs["Scale"].default_value = 3.0
+        links.new(coords, texture.inputs["Vector"])
+        color = _ramp(nodes, links, texture.outputs["Fac"], [(0.35, (0.9, 0.35, 0.05)), (0.5, (0.05, 0.45, 0.5)), (0.65, (0.95, 0.9, 0.7))])
+    elif pattern == "checker":
+        texture = nodes.new("ShaderNodeTexChecker")
+        texture.inputs["Scale"].default_value = 4.0
+        texture.inputs["Color1"].default_value = (0.8, 0.08, 0.05, 1.0)
+        texture.inputs["Color2"].default_value = (0.9, 0.9, 0.85, 1.0)
+        links.new(coords, texture.inputs["Vector"])
+        color = texture.outputs["Color"]
+    elif pattern == "wave":
+        texture = nodes.new("ShaderNodeTexWave")
+        texture.inputs["Scale"].default_value = 2.0
+        texture.inputs["Distortion"].default_value = 4.0
+        links.new(coords, texture.inputs["Vector"])
+        color = _ramp(nodes, links, texture.outputs["Fac"], [(0.2, (0.05, 0.15, 0.6)), (0.8, (0.95, 0.8, 0.1))])
+    elif pattern == "gradient":
+        texture = nodes.new("ShaderNodeTexGradient")
+        texture.gradient_type = "RADIAL"
+        links.new(coords, texture.inputs["Vector"])
+        color = _ramp(nodes, links, texture.outputs["Fac"], [(0.0, (0.5, 0.05, 0.6)), (0.5, (0.1, 0.7, 0.2)), (1.0, (0.5, 0.05, 0.6))])
+    else:
+        raise ValueError(f"unknown pattern {pattern!r}")
+    emission = nodes.new("ShaderNodeEmission")
+    emission.inputs["Strength"].default_value = 1.0
+    links.new(color, emission.inputs["Color"])
+    output = nodes.new("ShaderNodeOutputMaterial")
+    links.new(emission.outputs["Emission"], output.inputs["Surface"])
+    return material
+
+
+PATTERNS = {"suzanne": "noise", "mug": "checker", "rounded_box": "wave", "torus_knot": "gradient"}
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. ground-truth mesh file
+
+
+def write_ply(mesh: bpy.types.Mesh, path: Path) -> None:
+    """Binary little-endian PLY of the mesh's triangles (world frame: the object sits at identity)."""
+    mesh.calc_loop_triangles()
+    vertices = [v.co for v in mesh.vertices]
+    triangles = [t.vertices for t in mesh.loop_triangles]
+    header = (
+        "ply\nformat binary_little_endian 1.0\ncomment im3d ground truth, Blender world frame (Z up, metres)\n"
+        f"element vertex {len(vertices)}\nproperty float x\nproperty float y\nproperty float z\n"
+        f"element face {len(triangles)}\nproperty list uchar int vertex_indices\nend_header\n"
+    )
+    with open(path, "wb") as file:
+        file.write(header.encode("ascii"))
+        file.write(b"".join(struct.pack("<3f", *co) for co in vertices))
+        file.write(b"".join(struct.pack("<B3i", 3, *tri) for tri in triangles))
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. datasets
+
+
+def render_dataset(name: str, out_dir: Path, size: int, samples: int, fov_deg: float) -> dict:
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    mesh = BUILDERS[name]()
+    mesh.name = name
+    normalise(mesh)
+    mesh.materials.append(albedo_material(f"{name} albedo", PATTERNS[name]))
+    obj = bpy.data.objects.new(name, mesh)
+    bpy.context.scene.collection.objects.link(obj)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_ply(mesh, out_dir / "mesh.ply")
+    settings = dict(size=size, fov_deg=fov_deg, engine="CYCLES", samples=samples, lighting="NONE")
+    splits = {
+        "train": orbit_views(16, TRAIN_ELEVATION_DEG),
+        "test": TEST_VIEWS,
+    }
+    distance = None
+    for split, views in splits.items():
+        with TurntableRender(
+            [obj], out_dir, views, image_dir=split, json_name=f"transforms_{split}.json", image_prefix="r_",
+            distance=distance, **settings,
+        ) as turntable:
+            turntable.render_all()
+            distance = turntable.distance  # the held-out views share the training views' distance
+            turntable.write_transforms({"object": name, "split": split, "triangles": len(mesh.loop_triangles)})
+    return {"object": name, "vertices": len(mesh.vertices), "triangles": len(mesh.loop_triangles)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="output folder (one sub-folder per object)")
+    parser.add_argument("--size", type=int, default=128, help="image side in pixels")
+    parser.add_argument("--objects", default="suzanne,mug,rounded_box,torus_knot", help=f"comma-separated, from {','.join(BUILDERS)}")
+    parser.add_argument("--samples", type=int, default=16, help="Cycles samples per pixel (anti-aliasing only: the albedo is unlit)")
+    parser.add_argument("--fov", type=float, default=40.0, help="field of view in degrees")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.objects.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BUILDERS]
+    if unknown:
+        parser.error(f"unknown object(s) {', '.join(unknown)}; choose from {', '.join(BUILDERS)}")
+    print(f"{'object':<12} {'vertices':>9} {'triangles':>9} {'seconds':>8}")
+    for name in names:
+        start = time.perf_counter()
+        info = render_dataset(name, args.out / name, args.size, args.samples, args.fov)
+        print(f"{name:<12} {info['vertices']:>9} {info['triangles']:>9} {time.perf_counter() - start:>8.1f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
