@@ -184,7 +184,10 @@ def write_section(table: str, machine: str) -> None:
         "CPU-bound stand-in job (numpy + pure-Python work, progress and cancel check every 20 ms step) so that "
         "the numbers are the server's, not the models'. Start-up excludes torch: the pipeline is imported "
         f"on the first job.\n\nMachine: {machine}; other helpers were running at the same time, so timings "
-        "are pessimistic.\n\n" + table + "\n"
+        "are pessimistic.\n\n" + table + "\n\n"
+        "Start-up is mostly importing FastAPI/pydantic (about 0.8 s of CPU; the rest is the shared machine's load). "
+        "Keep-alive polls once took ~44 ms each (Nagle + delayed ACK: asyncio sets TCP_NODELAY only on sockets "
+        "created with proto=IPPROTO_TCP); `bind_socket` now does that, hence ~1.5 ms.\n"
     )
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
     pattern = re.compile(r"^## Service\n.*?(?=^## |\Z)", re.S | re.M)

@@ -8,15 +8,18 @@ import math
 
 import pytest
 import torch
-
 from im3d.config import ConfigError, load_config
 from im3d.errors import Cancelled, ModelNotFoundError
 
 pytest.importorskip("diffusers")
 
-from im3d.diffusion import models  # noqa: E402
-from im3d.diffusion.foreground import centre_object, prepare_reference, segment_background_colour  # noqa: E402
-from im3d.diffusion.orbit_video import (  # noqa: E402
+from im3d.diffusion import models
+from im3d.diffusion.foreground import (
+    centre_object,
+    prepare_reference,
+    segment_background_colour,
+)
+from im3d.diffusion.orbit_video import (
     OrbitUNetSpatioTemporalConditionModel,
     OrbitVideoPipeline,
     generate_orbit,
@@ -26,8 +29,8 @@ from im3d.diffusion.orbit_video import (  # noqa: E402
     rediffuse,
     steps_for_strength,
 )
-from im3d.diffusion.text_to_image import generate_reference_image  # noqa: E402
-from im3d.diffusion.tiny import build_orbit_model, build_text_to_image_model  # noqa: E402
+from im3d.diffusion.text_to_image import generate_reference_image
+from im3d.diffusion.tiny import build_orbit_model, build_text_to_image_model
 
 VIEWS, SIZE, STEPS = 4, 64, 4
 

@@ -29,7 +29,7 @@ def _ground_truth(num_views=8, size=64, seed=0):
     with torch.no_grad():
         colors, alphas, _ = rasterize(
             p["means"], p["quats"], p["scales"], p["opacities"], p["colors"], cams.viewmats, cams.Ks, size, size,
-            sh_degree=0, backgrounds=torch.zeros(num_views, 3), backend="torch",
+            sh_degree=0, backgrounds=torch.zeros(num_views, 3), backend="cpu",
         )
     images = torch.where(alphas > 1e-6, colors / alphas.clamp_min(1e-6), torch.zeros_like(colors)).clamp(0, 1)
     return cams, images, alphas
@@ -38,7 +38,7 @@ def _ground_truth(num_views=8, size=64, seed=0):
 def _config(**kw):
     base = dict(
         image_size=64, steps=150, init_points=400, lpips_weight=0.0, l1_weight=1.0, msssim_weight=0.2,
-        mask_weight=1.0, densify_start=50, densify_every=50, background=[0.0, 0.0, 0.0], backend="torch",
+        mask_weight=1.0, densify_start=50, densify_every=50, background=[0.0, 0.0, 0.0], backend="cpu",
     )
     base.update(kw)
     return ReconConfig(**base)
@@ -46,20 +46,20 @@ def _config(**kw):
 
 @pytest.mark.parametrize("init", ["center", "visual_hull"])
 def test_small_fit_reaches_psnr_floor(init):
-    cams, images, masks = _ground_truth()
-    fitter = SplatFitter(_config(init=init), cams, images, masks)
+    cams, images, masks = _ground_truth(num_views=6, size=48)
+    fitter = SplatFitter(_config(init=init, image_size=48), cams, images, masks)
     before = fitter.evaluate(cams, images, masks)
-    result = fitter.fit(150)
+    result = fitter.fit(100)
     after = fitter.evaluate(cams, images, masks)
-    assert result.steps == 150 and math.isfinite(result.final_loss)
+    assert result.steps == 100 and math.isfinite(result.final_loss)
     assert after["psnr"] > before["psnr"] + 3
-    assert after["psnr"] > 20.0, after
+    assert after["psnr"] > 16.0, after
     assert after["mask_iou"] > 0.8, after
 
 
 def test_fit_continues_on_new_targets():
-    cams, images, masks = _ground_truth()
-    fitter = SplatFitter(_config(), cams, images, masks)
+    cams, images, masks = _ground_truth(num_views=4, size=32)
+    fitter = SplatFitter(_config(image_size=32), cams, images, masks)
     fitter.fit(60)
     tinted = (images * torch.tensor([1.0, 0.6, 0.6])).clamp(0, 1)
     fitter.set_targets(tinted, masks)

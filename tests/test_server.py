@@ -15,7 +15,7 @@ from service_runners import staged_job, tiny_png
 from test_jobs import make_views_zip
 
 from im3d.config import Config
-from im3d.server import create_app, load_or_create_token
+from im3d.server import bind_socket, create_app, load_or_create_token
 
 TOKEN = "test-token-" + "x" * 32
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -44,6 +44,14 @@ def make_client(tmp_path):
 @pytest.fixture
 def client(make_client):
     return make_client()
+
+
+@pytest.fixture(scope="module")
+def shared_client(tmp_path_factory):
+    """One server for the many read-only auth/Host cases."""
+    app = create_app(Config(), TOKEN, run_fn=staged_job, jobs_dir=tmp_path_factory.mktemp("shared") / "jobs")
+    with TestClient(app, base_url=BASE) as client:
+        yield client
 
 
 @pytest.fixture
@@ -75,7 +83,8 @@ def assert_error(response, status, code):
      ("POST", "/v1/uploads"), ("GET", "/v1/jobs/20250101-000000-abcdef/artifacts/mesh.glb")],
 )
 @pytest.mark.parametrize("authorization", [None, "Bearer wrong", f"Basic {TOKEN}", f"Bearer {TOKEN}x", "Bearer", TOKEN])
-def test_wrong_or_missing_token_is_401(client, method, path, authorization):
+def test_wrong_or_missing_token_is_401(shared_client, method, path, authorization):
+    client = shared_client
     headers = {"Authorization": authorization} if authorization else {}
     response = client.request(method, path, headers=headers, content=b'{"kind": "generate"}')
     assert_error(response, 401, "unauthorized")
@@ -84,14 +93,14 @@ def test_wrong_or_missing_token_is_401(client, method, path, authorization):
 
 
 @pytest.mark.parametrize("host", ["evil.example", "evil.example:8765", "127.0.0.1.evil.example", "192.168.1.5:8765", "", "[::2]:8765"])
-def test_non_loopback_host_is_403(client, host):
-    response = client.get("/v1/health", headers={**AUTH, "Host": host})
+def test_non_loopback_host_is_403(shared_client, host):
+    response = shared_client.get("/v1/health", headers={**AUTH, "Host": host})
     assert_error(response, 403, "forbidden_host")
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1:8765", "localhost", "LOCALHOST:1", "[::1]:8765", "127.0.0.1"])
-def test_loopback_hosts_are_accepted(client, host):
-    response = client.get("/v1/health", headers={**AUTH, "Host": host})
+def test_loopback_hosts_are_accepted(shared_client, host):
+    response = shared_client.get("/v1/health", headers={**AUTH, "Host": host})
     assert response.status_code == 200
     health = response.json()
     assert health["protocol"] == 1 and health["queue_length"] == 0 and health["running_job"] is None
@@ -209,6 +218,8 @@ def test_artifact_names_cannot_escape(client, tmp_path):
 def test_queue_full_and_cancel_over_http(make_client):
     client = make_client(max_queue=1)
     first = client.post("/v1/jobs", headers=AUTH, json={"kind": "generate", "prompt": "steps=2000 step_s=0.005 hold=fit"}).json()["id"]
+    while client.get(f"/v1/jobs/{first}", headers=AUTH).json()["state"] == "queued":
+        time.sleep(0.005)  # max_queue counts waiting jobs, not the running one
     second = client.post("/v1/jobs", headers=AUTH, json={"kind": "generate", "prompt": "x"}).json()["id"]
     assert_error(client.post("/v1/jobs", headers=AUTH, json={"kind": "generate", "prompt": "x"}), 503, "queue_full")
     health = client.get("/v1/health", headers=AUTH).json()
@@ -290,3 +301,17 @@ def test_openapi_document_describes_the_api(client):
     assert request["additionalProperties"] is False
     assert set(schema["paths"]["/v1/uploads"]["post"]["requestBody"]["content"]) == {"image/png", "image/jpeg", "application/zip"}
     assert schema["paths"]["/v1/jobs"]["post"]["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorResponse")
+
+
+def test_listening_socket_is_tcp_so_responses_are_not_delayed():
+    # asyncio sets TCP_NODELAY only on sockets created with proto=IPPROTO_TCP; without it every
+    # keep-alive status poll waited ~40 ms for a delayed ACK (found by bench/bench_server.py).
+    import socket
+
+    sock = bind_socket("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP and sock.getsockname()[0] == "127.0.0.1"
+        with pytest.raises(Exception, match="server.port"):
+            bind_socket("127.0.0.1", sock.getsockname()[1])
+    finally:
+        sock.close()

@@ -41,6 +41,7 @@ def fuzz_client(tmp_path_factory):
     config.server.max_upload_mb = 1
     app = create_app(config, TOKEN, run_fn=quick_job, jobs_dir=tmp_path_factory.mktemp("fuzz") / "jobs")
     with TestClient(app, base_url=BASE) as client:  # runs the lifespan: the job worker is live
+        client.fuzz_app = without_lifespan(app)
         # One finished job, so that artifact/preview/cancel routes also meet a real id.
         job_id = client.post("/v1/jobs", headers=AUTH, json={"kind": "generate", "prompt": "seed job"}).json()["id"]
         while client.get(f"/v1/jobs/{job_id}", headers=AUTH).json()["state"] != "succeeded":
@@ -58,9 +59,27 @@ MODES = [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGAT
 CASES_RUN = []
 
 
+def without_lifespan(app):
+    """The app for schemathesis' per-call ASGI clients: the module's TestClient owns the lifespan,
+    so the job worker is started once and never shut down between cases."""
+
+    async def wrapper(scope, receive, send):
+        if scope["type"] != "lifespan":
+            return await app(scope, receive, send)
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    return wrapper
+
+
 def check_case(client, case):
     CASES_RUN.append(case.operation.label)
-    response = case.call(base_url=BASE, headers={**(case.headers or {}), **AUTH}, app=client.app)
+    response = case.call(base_url=BASE, headers={**(case.headers or {}), **AUTH}, app=client.fuzz_app)
     assert response.status_code < 500, f"{case.method} {case.formatted_path} -> {response.status_code}: {response.text[:300]}"
     content_type = response.headers.get("content-type", [""])
     if response.status_code >= 400:

@@ -63,8 +63,8 @@ class ReconConfig:
     refine_steps: int = 400  # optimisation steps after each re-diffusion round
     init: Literal["center", "visual_hull"] = "center"  # where the initial points are placed
     init_points: int = 5000  # initial number of Gaussians (paper: 5,000)
-    init_radius: float = 0.3  # radius of the initial ball of points, in scene units
-    init_scale: float = 0.02  # initial Gaussian size, in scene units
+    init_radius: float = 0.3  # radius of the initial ball of points, as a fraction of the object radius
+    init_scale: float = 0.05  # initial Gaussian size, as a fraction of the framed object radius
     sh_degree: int = 0  # spherical-harmonics degree of the colours (0..3)
     views_per_step: int = 0  # views rendered per step; 0 means all
     lpips_weight: float = 10.0  # LPIPS loss weight (paper: 10)
@@ -79,7 +79,7 @@ class ReconConfig:
     densify_grad_threshold: float = 0.0002  # screen-space gradient that triggers a split/clone
     prune_opacity: float = 0.005  # Gaussians below this opacity are removed
     max_gaussians: int = 200_000  # hard cap, keeps memory bounded on small machines
-    lr_means: float = 1.6e-4  # learning rate of positions (times the scene radius)
+    lr_means: float = 5e-3  # learning rate of positions (times the object radius), annealed to 1%
     lr_scales: float = 5e-3  # learning rate of log-scales
     lr_quats: float = 1e-3  # learning rate of rotations
     lr_opacities: float = 5e-2  # learning rate of logit-opacities

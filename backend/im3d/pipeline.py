@@ -191,28 +191,27 @@ def _fit(fitter, steps: int, stage: str, report: StageProgress, workdir: Path, c
     return {"steps": result.steps, "loss": result.final_loss, "seconds": result.seconds, "gaussians": result.num_gaussians, "rollbacks": result.rollbacks}
 
 
-def _mesh_and_export(fitter, workdir: Path, config: Config, report: StageProgress, cancel, output: JobOutput, views: MultiViewDataset | None) -> None:
-    from im3d.mesh import mesh_from_splats
-    from im3d.splats.ply import save_ply
+def _mesh_and_export(fitter, workdir: Path, config: Config, report: StageProgress, cancel, output: JobOutput) -> None:
+    from im3d.mesh import export_glb, mesh_from_splats
+    from im3d.mesh.errors import MeshingError
+    from im3d.splats.ply import write_ply
 
     check_cancel(cancel)
     report("mesh", 0.0, "extracting the surface")
     splats = {k: v.detach().cpu() for k, v in fitter.splats.items()}
     started = time.perf_counter()
-    mesh_views = None
-    if views is not None:
-        mesh_views = (views.cameras, views.images, views.masks)
-    result = mesh_from_splats(
-        splats, config.mesh,
-        progress=lambda f, m: report("mesh", f, m), cancel=cancel, views=mesh_views,
-        out_path=workdir / "mesh.glb",
-    )
+    try:
+        result = mesh_from_splats(splats, config.mesh, progress=lambda f, m: report("mesh", f, m), cancel=cancel)
+        export_glb(result, workdir / "mesh.glb")
+    except MeshingError as error:
+        code = "no_object_found" if error.code == "no_surface" else f"mesh_{error.code}"
+        raise PipelineError(code, f"meshing failed: {error}") from None
     output.timings["mesh_s"] = time.perf_counter() - started
-    output.metrics["mesh"] = result.report() if hasattr(result, "report") else dict(result.stats)
+    output.metrics["mesh"] = result.report.to_dict()
     output.artifacts["mesh.glb"] = workdir / "mesh.glb"
 
     report("export", 0.0, "writing splats and previews")
-    save_ply(splats, workdir / "splats.ply")
+    write_ply(workdir / "splats.ply", splats)
     output.artifacts["splats.ply"] = workdir / "splats.ply"
     turntable = orbit_cameras(
         8, elevation_deg=15.0, radius=1.1 * fitter.scene_scale / math.tan(math.radians(20)), fov_deg=40.0,
@@ -252,7 +251,7 @@ def reconstruct(request: dict, workdir: Path, config: Config, progress: Progress
     if test is not None:
         output.metrics["heldout"] = fitter.evaluate(test.cameras, test.images, test.masks)
     output.metrics["train"] = fitter.evaluate(train.cameras, train.images, train.masks)
-    _mesh_and_export(fitter, workdir, config, report, cancel, output, train)
+    _mesh_and_export(fitter, workdir, config, report, cancel, output)
     _finish(workdir, config, output)
     return output
 

@@ -34,7 +34,7 @@ _EXPORTS = {
     "resolve_model_folder": "models",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605
 
 
 def __getattr__(name: str) -> Any:

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Self
 
 import torch
 
@@ -85,9 +86,9 @@ def resolve_model_folder(model_id: str, models_dir: str = "", what: str = "model
         return False
 
     direct = Path(model_id).expanduser()
-    if direct.is_absolute() or direct.exists() or model_id.startswith((".", "~")):
-        if usable(direct):
-            return direct.resolve()
+    looks_like_path = direct.is_absolute() or direct.exists() or model_id.startswith((".", "~"))
+    if looks_like_path and usable(direct):
+        return direct.resolve()
     if models_dir:
         root = Path(models_dir).expanduser()
         name = model_id.split("/")[-1]
@@ -179,7 +180,7 @@ def load_pipeline(
 
         try:
             pipeline = loader(folder, dtype)
-        except (OSError, ValueError, EnvironmentError) as error:
+        except (OSError, ValueError) as error:
             raise ModelNotFoundError(
                 f"the model folder {folder} could not be loaded: {str(error).splitlines()[0]}. "
                 f"It must be a complete diffusers-layout folder with .safetensors weights; {DOCS_HINT}."
@@ -229,10 +230,10 @@ class EvaluationCounter:
     def close(self) -> None:
         self._handle.remove()
 
-    def __enter__(self) -> "EvaluationCounter":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

@@ -32,16 +32,20 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline, UNetSpatioTemporalConditionModel
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.embeddings import Timesteps
-from diffusers.models.unets.unet_spatio_temporal_condition import UNetSpatioTemporalConditionOutput
+from diffusers.models.unets.unet_spatio_temporal_condition import (
+    UNetSpatioTemporalConditionOutput,
+)
 from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import (
     StableVideoDiffusionPipeline,
     _append_dims,
@@ -145,7 +149,7 @@ class OrbitUNetSpatioTemporalConditionModel(UNetSpatioTemporalConditionModel):
     def forward(
         self,
         sample: Tensor,  # [B, F, C_in, h, w]
-        timestep: Tensor | float | int,
+        timestep: Tensor | float,
         encoder_hidden_states: Tensor,  # [B, S, D]
         added_time_ids: Tensor,  # [B, n] or [B, F, n]
         return_dict: bool = True,
@@ -177,7 +181,7 @@ class OrbitUNetSpatioTemporalConditionModel(UNetSpatioTemporalConditionModel):
         # 3. down
         down_block_res_samples: tuple = (sample,)
         for block in self.down_blocks:
-            kwargs: dict[str, Any] = dict(hidden_states=sample, temb=emb, image_only_indicator=image_only_indicator)
+            kwargs: dict[str, Any] = {"hidden_states": sample, "temb": emb, "image_only_indicator": image_only_indicator}
             if getattr(block, "has_cross_attention", False):
                 kwargs["encoder_hidden_states"] = encoder_hidden_states
             sample, res_samples = block(**kwargs)
@@ -197,13 +201,13 @@ class OrbitUNetSpatioTemporalConditionModel(UNetSpatioTemporalConditionModel):
             down_block_res_samples = down_block_res_samples[: -len(block.resnets)]
             if i < len(self.up_blocks) - 1 and forward_upsample_size:
                 upsample_size = down_block_res_samples[-1].shape[2:]
-            kwargs = dict(
-                hidden_states=sample,
-                temb=emb,
-                res_hidden_states_tuple=res_samples,
-                upsample_size=upsample_size,
-                image_only_indicator=image_only_indicator,
-            )
+            kwargs = {
+                "hidden_states": sample,
+                "temb": emb,
+                "res_hidden_states_tuple": res_samples,
+                "upsample_size": upsample_size,
+                "image_only_indicator": image_only_indicator,
+            }
             if getattr(block, "has_cross_attention", False):
                 kwargs["encoder_hidden_states"] = encoder_hidden_states
             sample = block(**kwargs)
@@ -247,7 +251,7 @@ class OrbitVideoPipeline(DiffusionPipeline):
     r"""Camera-conditioned orbit-video diffusion (SV3D_p-style); see the module docstring."""
 
     model_cpu_offload_seq = "image_encoder->unet->vae"
-    _callback_tensor_inputs = ["latents"]
+    _callback_tensor_inputs = ("latents",)
 
     def __init__(self, vae, image_encoder, unet, scheduler, feature_extractor):
         super().__init__()
@@ -258,14 +262,44 @@ class OrbitVideoPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """As `DiffusionPipeline.from_pretrained`, loading `unet/` as `OrbitUNetSpatioTemporalConditionModel`
-        whatever class model_index.json names (SVD-style folders name the stock UNet)."""
-        if "unet" not in kwargs:
-            shared = ("torch_dtype", "local_files_only", "use_safetensors", "cache_dir", "revision", "variant", "token")
-            kwargs["unet"] = OrbitUNetSpatioTemporalConditionModel.from_pretrained(
-                pretrained_model_name_or_path, subfolder="unet", **{k: kwargs[k] for k in shared if k in kwargs}
-            )
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        """Load the five components from their sub-folders by role, whatever classes model_index.json
+        names: `unet/` always as `OrbitUNetSpatioTemporalConditionModel`, `vae/` as the class its own
+        config names (AutoencoderKLTemporalDecoder or AutoencoderKL). So SVD-style folders and
+        third-party SV3D conversions load without their custom code."""
+        import diffusers
+        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+        path = str(pretrained_model_name_or_path)
+        dtype = kwargs.pop("torch_dtype", None)
+        shared = {k: kwargs.pop(k) for k in ("local_files_only", "cache_dir", "revision", "token") if k in kwargs}
+        weights = dict(shared, use_safetensors=kwargs.pop("use_safetensors", True), torch_dtype=dtype)
+        components = {name: kwargs.pop(name) for name in ("vae", "image_encoder", "unet", "scheduler", "feature_extractor") if name in kwargs}
+        if kwargs:
+            raise TypeError(f"unexpected arguments to OrbitVideoPipeline.from_pretrained: {', '.join(kwargs)}")
+        with warnings.catch_warnings():  # torch_dtype is renamed in newer diffusers/transformers
+            warnings.simplefilter("ignore", FutureWarning)
+            if "unet" not in components:
+                components["unet"] = OrbitUNetSpatioTemporalConditionModel.from_pretrained(path, subfolder="unet", **weights)
+            if "vae" not in components:
+                vae_config = diffusers.AutoencoderKL.load_config(path, subfolder="vae", **shared)
+                vae_name = vae_config.get("_class_name", "AutoencoderKLTemporalDecoder")
+                if vae_name not in ("AutoencoderKLTemporalDecoder", "AutoencoderKL"):
+                    raise ValueError(f"vae/config.json names {vae_name}; expected AutoencoderKLTemporalDecoder or AutoencoderKL")
+                vae_class = getattr(diffusers, vae_name)
+                components["vae"] = vae_class.from_pretrained(path, subfolder="vae", **weights)
+            if "image_encoder" not in components:
+                components["image_encoder"] = CLIPVisionModelWithProjection.from_pretrained(
+                    path, subfolder="image_encoder", **weights
+                )
+            if "feature_extractor" not in components:
+                components["feature_extractor"] = CLIPImageProcessor.from_pretrained(
+                    path, subfolder="feature_extractor", **shared
+                )
+            if "scheduler" not in components:
+                components["scheduler"] = diffusers.EulerDiscreteScheduler.from_pretrained(
+                    path, subfolder="scheduler", **shared
+                )
+        return cls(**components)
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
         """As `DiffusionPipeline.save_pretrained`; model_index.json names the UNet by its diffusers base
@@ -482,7 +516,12 @@ def orbit_frame_cameras(config: Any, num_views: int, size: int) -> tuple[Cameras
 
 def load_orbit_pipeline(config: Any):
     """The warm `OrbitVideoPipeline` for `config.diffusion.orbit_model` (loaded on first use)."""
-    from im3d.diffusion.models import load_pipeline, resolve_dtype, resolve_device, resolve_model_folder
+    from im3d.diffusion.models import (
+        load_pipeline,
+        resolve_device,
+        resolve_dtype,
+        resolve_model_folder,
+    )
 
     d = config.diffusion
     folder = resolve_model_folder(d.orbit_model, d.models_dir, what="orbit-video model")
@@ -535,7 +574,6 @@ def _run_orbit(reference, frames, strength, config, seed, progress, cancel) -> O
     check_cancel(cancel)
     report(0.0, "loading the orbit-video model")
     pipe = load_orbit_pipeline(config).pipeline
-    device = pipe._execution_device
 
     # 1. reference on the model's canvas (already centred by the reference stage)
     rgb = _to_square(reference.rgb.permute(2, 0, 1)[None].float(), size)  # [1, 3, S, S]

@@ -10,11 +10,12 @@ segmentation in `foreground.py` relies on.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from im3d.diffusion.foreground import ReferenceImage, prepare_reference
+from im3d.diffusion.foreground import ReferenceImage, image_to_tensor, prepare_reference
 from im3d.errors import check_cancel
 
 ProgressFn = Callable[[float, str], None]
@@ -33,7 +34,12 @@ def object_prompts(prompt: str, negative_prompt: str = "") -> tuple[str, str]:
 
 
 def load_text_to_image_pipeline(config: Any):
-    from im3d.diffusion.models import load_pipeline, resolve_device, resolve_dtype, resolve_model_folder
+    from im3d.diffusion.models import (
+        load_pipeline,
+        resolve_device,
+        resolve_dtype,
+        resolve_model_folder,
+    )
 
     d = config.diffusion
     folder = resolve_model_folder(d.text_to_image_model, d.models_dir, what="text-to-image model")
@@ -90,9 +96,10 @@ def generate_reference_image(
     with EvaluationCounter(denoiser_of(pipe)) as counter, torch.no_grad():
         images = pipe(**kwargs).images  # [1, 3, H, W] in [0, 1]
     check_cancel(cancel)
-    image = images[0] if isinstance(images, torch.Tensor) else torch.as_tensor(images[0])
-    if image.shape[0] == 3:
-        image = image.permute(1, 2, 0)
+    if isinstance(images, torch.Tensor):
+        image = images[0].permute(1, 2, 0) if images.shape[1] == 3 else images[0]  # [H, W, 3]
+    else:  # pipelines that ignore output_type="pt" return PIL images or arrays
+        image = image_to_tensor(images[0])
     report(0.95, "segmenting and centring the object")
     reference = prepare_reference(image.float().cpu().clamp(0, 1), config, evaluations=counter.count)
     report(1.0, f"reference image ready ({counter.count} network evaluations)")

@@ -15,91 +15,98 @@ from pathlib import Path
 import torch
 
 # SVD / SV3D's sampler: EDM sigmas (Karras, 0.002 .. 700), v-prediction, continuous timesteps.
-SVD_SCHEDULER = dict(
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    beta_start=0.00085,
-    interpolation_type="linear",
-    num_train_timesteps=1000,
-    prediction_type="v_prediction",
-    sigma_max=700.0,
-    sigma_min=0.002,
-    steps_offset=1,
-    timestep_spacing="leading",
-    timestep_type="continuous",
-    use_karras_sigmas=True,
-)
+SVD_SCHEDULER = {
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "sigma_max": 700.0,
+    "sigma_min": 0.002,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "timestep_type": "continuous",
+    "use_karras_sigmas": True,
+}
 
 ORBIT_CONFIGS = {
-    "tiny": dict(
-        unet=dict(
-            sample_size=16,
-            down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
-            up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
-            block_out_channels=(32, 64),
-            addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=40,
-            addition_time_embed_dims=(8, 16, 16),
-            layers_per_block=1,
-            cross_attention_dim=32,
-            num_attention_heads=(2, 4),
-            num_frames=4,
-        ),
+    "tiny": {
+        "unet": {
+            "sample_size": 16,
+            "down_block_types": ("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+            "up_block_types": ("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+            "block_out_channels": (32, 64),
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 40,
+            "addition_time_embed_dims": (8, 16, 16),
+            "layers_per_block": 1,
+            "cross_attention_dim": 32,
+            "num_attention_heads": (2, 4),
+            "num_frames": 4,
+        },
         # scaling_factor as SD's 0.18215: brings this random encoder's latents to about unit variance
-        vae=dict(
-            block_out_channels=(32, 32, 32),
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            layers_per_block=1,
-            scaling_factor=5.0,
-        ),
-        clip=dict(
-            hidden_size=32,
-            projection_dim=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=8,
-        ),
-    ),
+        "vae": {
+            "block_out_channels": (32, 32, 32),
+            "down_block_types": ("DownEncoderBlock2D",) * 3,
+            "layers_per_block": 1,
+            "scaling_factor": 5.0,
+        },
+        "clip": {
+            "hidden_size": 32,
+            "projection_dim": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+    },
     # SV3D_p (Stability's sv3d_p.yaml): SVD's UNet, 1280-wide vector conditioning, 21 frames at 576².
-    "sv3d": dict(
-        unet=dict(
-            sample_size=72,
-            block_out_channels=(320, 640, 1280, 1280),
-            addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=1280,
-            addition_time_embed_dims=(256, 512, 512),
-            layers_per_block=2,
-            cross_attention_dim=1024,
-            num_attention_heads=(5, 10, 20, 20),
-            num_frames=21,
-        ),
-        vae=dict(
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            layers_per_block=2,
-        ),
-        clip=dict(  # OpenCLIP ViT-H/14
-            hidden_size=1280,
-            projection_dim=1024,
-            intermediate_size=5120,
-            num_hidden_layers=32,
-            num_attention_heads=16,
-            image_size=224,
-            patch_size=14,
-            hidden_act="gelu",
-        ),
-    ),
+    "sv3d": {
+        "unet": {
+            "sample_size": 72,
+            "block_out_channels": (320, 640, 1280, 1280),
+            "addition_time_embed_dim": 256,
+            "projection_class_embeddings_input_dim": 1280,
+            "addition_time_embed_dims": (256, 512, 512),
+            "layers_per_block": 2,
+            "cross_attention_dim": 1024,
+            "num_attention_heads": (5, 10, 20, 20),
+            "num_frames": 21,
+        },
+        "vae": {
+            "block_out_channels": (128, 256, 512, 512),
+            "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "layers_per_block": 2,
+        },
+        "clip": {  # OpenCLIP ViT-H/14
+            "hidden_size": 1280,
+            "projection_dim": 1024,
+            "intermediate_size": 5120,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 16,
+            "image_size": 224,
+            "patch_size": 14,
+            "hidden_act": "gelu",
+        },
+    },
 }
 
 
 def build_orbit_pipeline(size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32):
     """An `OrbitVideoPipeline` with random weights in the `size` architecture."""
     from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
 
-    from im3d.diffusion.orbit_video import OrbitUNetSpatioTemporalConditionModel, OrbitVideoPipeline
+    from im3d.diffusion.orbit_video import (
+        OrbitUNetSpatioTemporalConditionModel,
+        OrbitVideoPipeline,
+    )
 
     spec = ORBIT_CONFIGS[size]
     torch.manual_seed(seed)
@@ -136,7 +143,12 @@ def _write_tiny_clip_tokenizer(folder: Path, max_length: int) -> None:
 
 def build_text_to_image_model(folder: str | Path, seed: int = 0) -> Path:
     """A tiny random `StableDiffusionPipeline` (64² images) in the diffusers layout."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder = Path(folder)

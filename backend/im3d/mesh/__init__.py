@@ -220,7 +220,7 @@ def mesh_from_splats(
     check_cancel(cancel)
     snap_mean = 0.0
     if cfg.snap_to_splats:
-        vertices, snap_mean = snap_to_ridge(vertices, vertex_normals(vertices, faces), grid)
+        vertices, snap_mean = snap_to_ridge(vertices, faces, grid)
     vertices = taubin_smooth(vertices, faces, cfg.smooth_iterations)
     faces = drop_degenerate(faces)
     normals = vertex_normals(vertices, faces)

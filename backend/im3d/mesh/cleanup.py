@@ -94,18 +94,22 @@ def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
 
 def snap_to_ridge(
     vertices: np.ndarray,  # [V, 3]
-    normals: np.ndarray,  # [V, 3] outward
+    faces: np.ndarray,  # [F, 3]
     grid: DensityGrid,
     max_depth_voxels: float = 3.5,
     steps: int = 15,
+    smoothing_rounds: int = 2,
 ) -> tuple[np.ndarray, float]:
     """Move each vertex inward onto the density ridge of the sheet of splats beneath it.
 
     The iso-surface lies a fixed distance outside the splats (the threshold is below the peak);
     splats sit *on* the surface, so the true surface is the ridge: the density maximum along the
     inward normal. Vertices whose density keeps rising to the search depth are inside a solid
-    region (no sheet) and stay where they are. Returns the new vertices and the mean shift.
+    region (no sheet) and stay where they are. The depths are averaged over each vertex's
+    neighbours: the ridge estimate is noisy at a voxel's scale, and independent moves would fold
+    small triangles over. Returns the new vertices and the mean shift.
     """
+    normals = vertex_normals(vertices, faces)
     depths = np.linspace(0.0, max_depth_voxels * grid.voxel, steps)  # [S]
     probes = vertices[:, None, :] - normals[:, None, :] * depths[None, :, None]  # [V, S, 3]
     density = sample_grid(grid, probes.reshape(-1, 3)).reshape(len(vertices), steps)
@@ -119,7 +123,33 @@ def snap_to_ridge(
     offset = np.where(curvature < -1e-12, 0.5 * (d0 - d2) / np.where(curvature < -1e-12, curvature, -1.0), 0.0)
     depth = np.zeros(len(vertices))
     depth[rows] = (b + np.clip(offset, -0.5, 0.5)) * (depths[1] - depths[0])
-    return vertices - normals * depth[:, None], float(depth.mean()) if len(depth) else 0.0
+
+    edges = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]], axis=0)
+    adjacency = sparse.coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(len(vertices),) * 2).tocsr()
+    adjacency = ((adjacency + adjacency.T) > 0).astype(np.float64)
+    degree = np.asarray(adjacency.sum(axis=1)).ravel()
+    for _ in range(smoothing_rounds):
+        depth = (depth + adjacency @ depth) / (1.0 + degree)
+
+    snapped = vertices - normals * depth[:, None]
+    return snapped, float(depth.mean()) if len(depth) else 0.0
+
+
+def _face_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    tri = vertices[faces]
+    n = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    return n / np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-30)
+
+
+def count_folds(vertices: np.ndarray, faces: np.ndarray) -> int:
+    """Faces facing against all of their edge neighbours (folded-over slivers)."""
+    from im3d.mesh.texture import _edge_neighbours
+
+    n = _face_normals(vertices, faces)
+    neighbours = _edge_neighbours(faces)
+    valid = neighbours >= 0
+    dots = np.where(valid, np.einsum("fd,fkd->fk", n, n[np.maximum(neighbours, 0)]), 1.0)
+    return int(((dots < 0) | ~valid).all(axis=1).sum())
 
 
 def taubin_smooth(vertices: np.ndarray, faces: np.ndarray, iterations: int) -> np.ndarray:

@@ -62,14 +62,6 @@ def quats_to_rotations(quats: np.ndarray) -> np.ndarray:
     return R
 
 
-def covariances(gaussians: GaussianArrays, extra_variance: float = 0.0) -> np.ndarray:
-    """Sigma = R S^2 R^T (+ extra_variance I), [N, 3, 3]."""
-    R, s2 = gaussians.rotations, gaussians.scales**2
-    cov = np.einsum("nij,nj,nkj->nik", R, s2, R)
-    cov[:, [0, 1, 2], [0, 1, 2]] += extra_variance
-    return cov
-
-
 def grid_bounds(gaussians: GaussianArrays, resolution: int) -> tuple[np.ndarray, float, tuple[int, int, int]]:
     """Origin, voxel size and shape of a cubic-voxel grid around the splats.
 

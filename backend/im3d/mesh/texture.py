@@ -22,7 +22,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from im3d.errors import check_cancel
-from im3d.mesh.density import GaussianArrays, covariances
+from im3d.mesh.density import GaussianArrays
 
 
 @dataclass
@@ -35,11 +35,7 @@ class UVMesh:
 
 
 def unwrap(vertices: np.ndarray, faces: np.ndarray, texture_size: int, padding: int) -> UVMesh:
-    tri = vertices[faces]
-    normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
-    axis = np.argmax(np.abs(normal), axis=1)
-    positive = normal[np.arange(len(faces)), axis] > 0
-    group = axis * 2 + positive
+    group = facing_groups(vertices, faces)
     # A vertex is split once per facing group it touches: a chart is a connected set of faces of
     # one group, and charts meet only along seams.
     key = faces.astype(np.int64) * 6 + group[:, None]
@@ -70,6 +66,71 @@ def unwrap(vertices: np.ndarray, faces: np.ndarray, texture_size: int, padding: 
         source_vertex=source[vmapping],
         charts=int(atlas.chart_count),
     )
+
+
+# The six facing directions, in group order: -X, +X, -Y, +Y, -Z, +Z.
+_DIRECTIONS = np.array([[-1, 0, 0], [1, 0, 0], [0, -1, 0], [0, 1, 0], [0, 0, -1], [0, 0, 1]], dtype=np.float64)
+# A face may join a neighbouring group only while it faces that group's axis at least this much,
+# so its projection never flips (0 would be edge-on).
+_MIN_FACING = 0.35
+
+
+def facing_groups(vertices: np.ndarray, faces: np.ndarray, rounds: int = 8) -> np.ndarray:
+    """Group 0..5 (-X, +X, -Y, +Y, -Z, +Z) of each face: the axis its normal points along most.
+
+    Along the borders between groups the plain arg-max gives ragged, one-face islands (hundreds
+    of tiny charts, each a seam); a few rounds of majority vote among edge neighbours absorb them
+    wherever the face still faces the neighbours' axis well enough.
+    """
+    tri = vertices[faces]
+    normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    normal /= np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-30)
+    facing = normal @ _DIRECTIONS.T  # [F, 6]
+    group = np.argmax(facing, axis=1)
+    neighbours = _edge_neighbours(faces)  # [F, 3], -1 where open
+    rows = np.arange(len(faces))
+    for _ in range(rounds):
+        votes = np.zeros((len(faces), 6), np.int64)
+        for k in range(3):
+            valid = neighbours[:, k] >= 0
+            np.add.at(votes, (rows[valid], group[neighbours[valid, k]]), 1)
+        candidate = np.argmax(votes, axis=1)
+        # A face none of whose neighbours shares its group joins the neighbour group it faces best.
+        isolated = votes[rows, group] == 0
+        best_facing = np.argmax(np.where(votes > 0, facing, -np.inf), axis=1)
+        candidate = np.where(isolated, best_facing, candidate)
+        majority = (votes[rows, candidate] >= 2) | isolated
+        switch = majority & (candidate != group) & (facing[rows, candidate] >= _MIN_FACING)
+        if not switch.any():
+            break
+        # Neighbours switching together would trade places forever: of two adjacent switching
+        # faces only the lower-numbered one moves this round.
+        blocked = np.zeros(len(faces), bool)
+        for k in range(3):
+            other = neighbours[:, k]
+            valid = other >= 0
+            blocked[valid] |= switch[other[valid]] & (other[valid] < rows[valid])
+        switch &= ~blocked
+        group = np.where(switch, candidate, group)
+    return group
+
+
+def _edge_neighbours(faces: np.ndarray) -> np.ndarray:
+    """For each face, the face across each of its three edges (-1 on open or non-manifold edges)."""
+    F = len(faces)
+    edges = np.stack([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]], axis=1).reshape(-1, 2)
+    key = np.minimum(edges[:, 0], edges[:, 1]) * (faces.max() + 1) + np.maximum(edges[:, 0], edges[:, 1])
+    order = np.argsort(key, kind="stable")
+    sorted_key = key[order]
+    pair = np.nonzero(sorted_key[1:] == sorted_key[:-1])[0]
+    # Only edges shared by exactly two faces.
+    unique_pair = pair[((pair == 0) | (sorted_key[pair - 1] != sorted_key[pair])) &
+                       ((pair + 2 >= len(sorted_key)) | (sorted_key[np.minimum(pair + 2, len(sorted_key) - 1)] != sorted_key[pair]))]  # fmt: skip
+    a, b = order[unique_pair], order[unique_pair + 1]
+    neighbours = np.full(F * 3, -1, np.int64)
+    neighbours[a] = b // 3
+    neighbours[b] = a // 3
+    return neighbours.reshape(F, 3)
 
 
 @numba.njit(cache=True)
@@ -133,7 +194,8 @@ def splat_colors_at(
     to each group's centre (one tree query per face instead of one per texel: ~10x fewer).
     """
     tree = cKDTree(gaussians.means)
-    inv_cov = np.linalg.inv(covariances(gaussians, blur * blur)).reshape(-1, 9)
+    R = gaussians.rotations  # (R S^2 R^T + b^2 I)^-1 = R (S^2 + b^2)^-1 R^T: no batched inverse
+    inv_cov = np.einsum("nij,nj,nkj->nik", R, 1.0 / (gaussians.scales**2 + blur * blur), R).reshape(-1, 9)
     k = min(neighbours, len(gaussians.means))
     check_cancel(cancel)
     if groups is None:

@@ -115,6 +115,7 @@ class SplatFitter:
         self.global_step = 0
         self.rollbacks = 0
         self.lr_factor = 1.0
+        self._last_good: dict | None = None
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -225,7 +226,8 @@ class SplatFitter:
         self.strategy.refine_stop_iter = first + int(c.densify_stop_fraction * steps) if densify else first
         views = C if c.views_per_step == 0 else min(c.views_per_step, C)
         means_lr0 = c.lr_means * self.scene_scale * self.lr_factor
-        good = self._snapshot()
+        if self._params_finite():
+            self._last_good = self._snapshot()
         history: list[tuple[int, float]] = []
         loss_value, terms = float("nan"), {}
 
@@ -242,8 +244,7 @@ class SplatFitter:
             loss_value = float(loss.detach())
 
             if not math.isfinite(loss_value) or not self._params_finite():
-                self._recover(good, first + step)
-                good = self._snapshot()
+                self._recover(first + step)
                 continue  # redo the same step from the restored state
 
             self.strategy.step_pre_backward(self.splats, self.optimizers, self.strategy_state, self.global_step, info)
@@ -255,15 +256,14 @@ class SplatFitter:
             self._enforce_budget()
 
             if not self._params_finite():
-                self._recover(good, first + step)
-                good = self._snapshot()
+                self._recover(first + step)
                 continue
             step += 1
             self.global_step += 1
             if step % 25 == 0 or step == steps:
                 history.append((self.global_step, loss_value))
             if step % c.densify_every == 0:
-                good = self._snapshot()
+                self._last_good = self._snapshot()
             if on_step is not None:
                 on_step(StepInfo(step, steps, loss_value, terms, self.num_gaussians, time.perf_counter() - start_time))
 
@@ -281,8 +281,9 @@ class SplatFitter:
             "strategy": {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self.strategy_state.items()},
         }
 
-    def _recover(self, snapshot: dict, step: int) -> None:
-        if self.rollbacks >= 1:
+    def _recover(self, step: int) -> None:
+        snapshot = self._last_good
+        if self.rollbacks >= 1 or snapshot is None:
             raise FitDivergedError(
                 f"the fit produced NaN/Inf again at step {step} after rolling back and halving the learning rates; "
                 "check the input images and cameras, or lower recon.lr_* in the config"

@@ -89,15 +89,26 @@ def msssim_settings(height: int, width: int) -> tuple[int, list[float]]:
 
 
 def ms_ssim(images: Tensor, targets: Tensor) -> Tensor:
-    """Mean MS-SSIM of images [B,H,W,3] against targets [B,H,W,3] in [0, 1]."""
-    from pytorch_msssim import ms_ssim as _ms_ssim, ssim as _ssim
+    """Mean MS-SSIM of images [B,H,W,3] against targets [B,H,W,3] in [0, 1].
+
+    pytorch-msssim's `ms_ssim` insists on five scales (it asserts the image is > 160 px for an
+    11-px window); this runs its per-scale `_ssim` over the scales that fit (`msssim_settings`).
+    """
+    from pytorch_msssim.ssim import _fspecial_gauss_1d, _ssim
 
     assert images.shape == targets.shape and images.shape[-1] == 3, (images.shape, targets.shape)
     x, y = images.permute(0, 3, 1, 2), targets.permute(0, 3, 1, 2)
-    win, weights = msssim_settings(x.shape[2], x.shape[3])
-    if len(weights) == 1:
-        return _ssim(x, y, data_range=1.0, win_size=win, size_average=True)
-    return _ms_ssim(x, y, data_range=1.0, win_size=win, weights=weights, size_average=True)
+    win_size, weights = msssim_settings(x.shape[2], x.shape[3])
+    win = _fspecial_gauss_1d(win_size, 1.5).to(x).repeat(3, 1, 1, 1)
+    mcs = []
+    for level in range(len(weights)):
+        ssim_per_channel, cs = _ssim(x, y, win=win, data_range=1.0, size_average=False, K=(0.01, 0.03))
+        if level < len(weights) - 1:
+            mcs.append(torch.relu(cs))
+            padding = [n % 2 for n in x.shape[2:]]
+            x, y = F.avg_pool2d(x, 2, padding=padding), F.avg_pool2d(y, 2, padding=padding)
+    stacked = torch.stack(mcs + [torch.relu(ssim_per_channel)], dim=0)  # [levels, B, 3]
+    return torch.prod(stacked ** x.new_tensor(weights).view(-1, 1, 1), dim=0).mean()
 
 
 def ssim(images: Tensor, targets: Tensor) -> Tensor:
