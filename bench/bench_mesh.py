@@ -2,7 +2,7 @@
 
 Until fitted splats exist, the splats are sampled densely on ground-truth surfaces (flat, opaque
 discs tangent to the surface, coloured by a smooth function of position): Suzanne from
-`bench/data/suzanne/mesh.ply` (rendered by bench/render_datasets.py) and trimesh primitives.
+`backend/im3d/data/suzanne/mesh.ply` (rendered by bench/render_datasets.py) and trimesh primitives.
 
     python bench/bench_mesh.py                       # the table + faces-vs-error plot, into docs/
     python bench/bench_mesh.py --splats X.ply --gt-mesh Y.ply   # geometry metrics of any pair
@@ -41,7 +41,7 @@ STAGES = ["density", "marching_cubes", "decimate", "smooth", "uv_unwrap", "bake"
 
 def ground_truth_objects() -> dict[str, trimesh.Trimesh]:
     objects = {}
-    suzanne = ROOT / "bench" / "data" / "suzanne" / "mesh.ply"
+    suzanne = ROOT / "backend" / "im3d" / "data" / "suzanne" / "mesh.ply"
     if suzanne.exists():
         objects["suzanne"] = trimesh.load(suzanne, force="mesh", process=True)
     objects["sphere"] = trimesh.creation.icosphere(subdivisions=5, radius=0.5)

@@ -56,11 +56,11 @@ def worker(backend: str, n: int, views: int, size: int, repeats: int) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    def step(backward: bool) -> float:
+    def step(backward: bool) -> tuple[float, float]:
         for p in params:
             p.grad = None
         sync()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         colors, alphas, info = rasterize(
             *params, *scene[5:], sh_degree=sh_degree, backgrounds=backgrounds, backend=backend
         )
@@ -68,18 +68,19 @@ def worker(backend: str, n: int, views: int, size: int, repeats: int) -> dict:
             info["means2d"].retain_grad()
             (colors.square().mean() + alphas.mean()).backward()
         sync()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - start_cpu
 
     step(True)  # warm-up: numba load/compile, CUDA context, lazy imports
-    forward = min(step(False) for _ in range(repeats))
-    forward_backward = min(step(True) for _ in range(repeats))
+    forward = min(step(False)[0] for _ in range(repeats))
+    forward_backward, forward_backward_cpu = min(step(True) for _ in range(repeats))
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device == "cuda":
         peak_gpu = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_gpu = None
     return dict(backend=backend, n=n, views=views, size=size, forward_ms=forward * 1e3,
-                forward_backward_ms=forward_backward * 1e3, peak_rss_mib=peak_kib / 1024,
+                forward_backward_ms=forward_backward * 1e3,
+                forward_backward_cpu_s=forward_backward_cpu, peak_rss_mib=peak_kib / 1024,
                 peak_gpu_mib=peak_gpu, threads=torch.get_num_threads())  # fmt: skip
 
 
@@ -104,8 +105,8 @@ def machine() -> str:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| backend | Gaussians | views | resolution | forward ms | forward+backward ms | speed-up vs torch (fwd+bwd) | peak RSS MiB |",
-        "|---|---:|---:|---|---:|---:|---:|---:|",
+        "| backend | Gaussians | views | resolution | forward ms | forward+backward ms | speed-up vs torch (fwd+bwd) | fwd+bwd CPU time s | peak RSS MiB |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ref = next((x for x in rows if x["backend"] == "torch" and (x["n"], x["views"], x["size"]) == (r["n"], r["views"], r["size"])), None)
@@ -113,7 +114,7 @@ def table(rows: list[dict]) -> str:
         rss = f"{r['peak_rss_mib']:.0f}" + (f" (GPU {r['peak_gpu_mib']:.0f})" if r.get("peak_gpu_mib") else "")
         lines.append(
             f"| {r['backend']} | {r['n']} | {r['views']} | {r['size']}x{r['size']} | {r['forward_ms']:.0f} | "
-            f"{r['forward_backward_ms']:.0f} | {speedup} | {rss} |"
+            f"{r['forward_backward_ms']:.0f} | {speedup} | {r['forward_backward_cpu_s']:.2f} | {rss} |"
         )
     return "\n".join(lines)
 
@@ -159,11 +160,16 @@ def main() -> None:
             repeats = args.reference_repeats if backend == "torch" and big else args.repeats
             rows.append(run_worker(backend, n, views, size, repeats))
     threads = rows[0]["threads"]
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     body = (
         f"`bench/bench_rasterizer.py` ({time.strftime('%Y-%m-%d')}): SH degree 3, white background, loss on colours "
         f"and alphas; best of {args.repeats} runs ({args.reference_repeats} for the torch reference at 10k Gaussians) after a "
         f"warm-up; "
-        f"each row in its own process. Machine: {machine()}; {threads} torch/kernel threads.\n\n"
+        f"each row in its own process. Machine: {machine()}; {threads} torch/kernel threads; load average "
+        f"at the end {load} (other jobs share this machine, so timings are pessimistic). Peak RSS is the "
+        "whole process (torch and numba included); CPU time sums all threads of the fastest fwd+bwd run and "
+        "is less sensitive to the load than wall time. The torch reference checkpoints crowded tiles, so its "
+        "backward pass recomputes their forward.\n\n"
         + table(rows)
     )
     print(body)

@@ -10,7 +10,7 @@ texture to reconstruct), rendered with Cycles on the CPU into a transparent film
 
     python bench/render_datasets.py --out /tmp/gt --size 128 --objects suzanne,mug,rounded_box,torus_knot
 
-The repository ships `bench/data/suzanne/` made by `--out bench/data --size 128 --objects suzanne`.
+The repository ships `backend/im3d/data/suzanne/` (the demo dataset) made by `--out backend/im3d/data --size 128 --objects suzanne`.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from im3d import cameras as backend_cameras  # noqa: E402
 from im3d_blender import turntable  # noqa: E402
 
 pytestmark = pytest.mark.blender
-SHIPPED = ROOT / "bench" / "data" / "suzanne"
+SHIPPED = ROOT / "backend" / "im3d" / "data" / "suzanne"
 
 
 def read_ply_vertices(path: Path) -> np.ndarray:

@@ -163,9 +163,8 @@ def test_matches_brute_force(backend, seed, sh_degree, render_mode, with_bg, siz
 
 
 def test_torch_reference_gradients_match_finite_differences():
+    # Six Gaussians: behind the camera, off-screen, three large ones, one below the alpha threshold.
     scene, bg = make_scene(7, n=6, views=1, width=12, height=10, sh_degree=1, dtype=torch.float64)
-    scene["means"][:2] = torch.tensor([[0.1, 0.05, 0.0], [-0.1, 0.0, 0.1]], dtype=torch.float64)
-    scene["scales"][:] = 0.12
     inputs = [scene[k].clone().requires_grad_(True) for k in ("means", "quats", "scales", "opacities", "colors")]
     bg = bg.clone().requires_grad_(True)
 
@@ -282,9 +281,14 @@ def test_gsplat_matches_reference_on_cuda():
     for render_mode in ("RGB", "RGB+ED"):
         ref_colors, ref_alphas, ref_info = rasterize(**scene, backgrounds=bg, render_mode=render_mode, backend="torch")
         colors, alphas, info = rasterize(**cuda, backgrounds=bg.cuda(), render_mode=render_mode, backend="auto")
-        assert torch.equal(info["radii"].cpu(), ref_info["radii"])
+        radii, ref_radii = info["radii"].cpu(), ref_info["radii"]
+        assert torch.equal(radii > 0, ref_radii > 0)
+        assert (radii - ref_radii).abs().max() <= 1  # ceil() of float32 vs float32 on another device
         torch.testing.assert_close(alphas.cpu(), ref_alphas, atol=1e-4, rtol=0)
         torch.testing.assert_close(colors[..., :3].cpu(), ref_colors[..., :3], atol=1e-4, rtol=0)
+        if render_mode == "RGB+ED":
+            covered = ref_alphas[..., 0] > 0.05
+            torch.testing.assert_close(colors[..., 3].cpu()[covered], ref_colors[..., 3][covered], atol=1e-4, rtol=1e-4)
         ref = _gradients(scene, bg, render_mode, "torch", weights)
         fast = _gradients(cuda, bg.cuda(), render_mode, "gsplat", tuple(w.cuda() for w in weights))
         for name, expected in ref.items():

@@ -131,14 +131,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.allow_remote:
         extra["server"]["allow_remote"] = True
     config = _resolve_config(args, extra)
-    serve(config, ready=lambda url: print(f"im3d backend ready at {url}", flush=True))
+    from im3d.server import print_ready
+
+    serve(config, ready=print_ready)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from im3d.demo import run_demo
 
-    return run_demo(args.out, keep_server=False)
+    return run_demo(args.out, preset=args.preset)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job without weights: reconstruct the shipped Suzanne views through the service")
     p.add_argument("--out", type=Path, default=Path("out/demo"))
-    p.set_defaults(func=cmd_demo, preset="standard")
+    p.add_argument("--preset", default="fast", choices=sorted(PRESETS))
+    p.set_defaults(func=cmd_demo)
 
     return parser
 

@@ -70,12 +70,14 @@ class StageProgress:
         self.report = report
         self.number = {s: i + 1 for i, s in enumerate(stages)}
         self.count = len(stages)
+        self.last = 0.0
 
     def __call__(self, stage: str, fraction: float, message: str, preview: Path | None = None) -> None:
         if self.report is None:
             return
         start, width = self.offsets[stage]
         overall = min(1.0, start + width * min(max(fraction, 0.0), 1.0))
+        overall = self.last = max(overall, self.last)  # never backwards, whatever the rounding
         self.report(stage, overall, f"[{self.number[stage]}/{self.count}] {message}", preview)
 
 
@@ -256,9 +258,167 @@ def reconstruct(request: dict, workdir: Path, config: Config, progress: Progress
     return output
 
 
-def refine(request: dict, workdir: Path, config: Config, progress: ProgressFn | None, cancel) -> JobOutput:
-    raise PipelineError("not_available", "refine with diffusion needs the diffusion stage")
+def _save_frames(workdir: Path, name: str, images: Tensor, output: JobOutput) -> Path:
+    path = save_png(workdir / name, image_strip(images, max_views=len(images)))
+    output.artifacts[name] = path
+    return path
+
+
+def _object_extent(fitter) -> tuple[Tensor, float]:
+    """Centre and diameter of the fitted object (robust: opaque Gaussians, 1st-99th percentile)."""
+    means = fitter.splats["means"].detach().cpu()
+    opaque = torch.sigmoid(fitter.splats["opacities"].detach().cpu()) > 0.3
+    pts = means[opaque] if int(opaque.sum()) >= 10 else means
+    lo, hi = torch.quantile(pts, 0.01, dim=0), torch.quantile(pts, 0.99, dim=0)
+    return (lo + hi) / 2, float((hi - lo).norm())
+
+
+def _rediffusion_rounds(fitter, reference, cameras: Cameras, rounds: int, config: Config, request: dict,
+                        report: StageProgress, workdir: Path, cancel, output: JobOutput) -> None:
+    """IM-3D's loop: render the splats at the orbit's cameras, re-diffuse at the round's strength, keep fitting."""
+    from im3d.diffusion import rediffuse
+
+    seed = int(request.get("seed") or config.pipeline.seed)
+    size = config.diffusion.image_size
+    for k in range(rounds):
+        strength = refine_strength(config, k)
+        base = k / rounds
+
+        def sub(fraction: float, message: str, preview: Path | None = None, _base=base) -> None:
+            report("refine", _base + fraction / rounds, f"round {k + 1}/{rounds}: {message}", preview)
+
+        check_cancel(cancel)
+        renders, _ = fitter.render(cameras.resized(size, size))
+        frames = rediffuse(renders, reference, strength, config, seed + k + 1, progress=lambda f, m: sub(0.4 * f, m), cancel=cancel)
+        output.evaluations += frames.evaluations
+        preview = _save_frames(workdir, f"frames_round{k + 1}.png", frames.images, output)
+        sub(0.4, "fitting the re-diffused views", preview)
+        fitter.set_targets(frames.images, frames.masks, cameras)
+        started = time.perf_counter()
+        stats = _fit(fitter, config.recon.refine_steps, "refine", _SubStage(sub, 0.4, 1.0), workdir, config, cancel, "re-fitting")
+        output.metrics.setdefault("refine_rounds", []).append({"strength": strength, "evaluations": frames.evaluations, **stats})
+        output.timings[f"refine_round{k + 1}_s"] = time.perf_counter() - started
+
+
+class _SubStage:
+    """Adapts `_fit`'s (stage, fraction, message, preview) reports into a slice of a round."""
+
+    def __init__(self, sub, start: float, end: float):
+        self.sub, self.start, self.end = sub, start, end
+
+    def __call__(self, stage: str, fraction: float, message: str, preview: Path | None = None) -> None:
+        self.sub(self.start + (self.end - self.start) * fraction, message, preview)
 
 
 def generate(request: dict, workdir: Path, config: Config, progress: ProgressFn | None, cancel) -> JobOutput:
-    raise PipelineError("not_available", "generate needs the diffusion stage")
+    """Prompt or image → reference → orbit video → fit → re-diffusion rounds → mesh."""
+    from PIL import Image, UnidentifiedImageError
+
+    from im3d.diffusion import generate_orbit, generate_reference_image, prepare_reference
+    from im3d.splats.fit import SplatFitter
+
+    if not config.diffusion.enabled:
+        raise PipelineError("invalid_request", "generate needs the diffusion stage, but diffusion.enabled is false")
+    rounds = config.pipeline.refinement_rounds
+    stages = ["reference", "orbit", "fit"] + (["refine"] if rounds > 0 else []) + ["mesh", "export"]
+    report = StageProgress(stages, progress)
+    output = JobOutput()
+    device = pick_device(config.pipeline.device)
+    seed = int(request.get("seed") if request.get("seed") is not None else config.pipeline.seed)
+
+    # 1. Reference image: the user's, or text-to-image.
+    started = time.perf_counter()
+    if request.get("image"):
+        report("reference", 0.0, "preparing the reference image")
+        try:
+            with Image.open(request["image"]) as image:
+                reference = prepare_reference(image.convert("RGBA") if image.mode in ("RGBA", "LA", "P") else image.convert("RGB"), config)
+        except (UnidentifiedImageError, OSError) as error:
+            raise PipelineError("invalid_image", f"the reference image cannot be read: {error}") from None
+    else:
+        if not (request.get("prompt") or "").strip():
+            raise PipelineError("invalid_request", "generate needs a prompt or an image")
+        reference = generate_reference_image(
+            request["prompt"], request.get("negative_prompt") or "", config, seed,
+            progress=lambda f, m: report("reference", f, m), cancel=cancel,
+        )
+    output.evaluations += reference.evaluations
+    if float(reference.mask.max()) < 0.5:
+        raise PipelineError("no_object_found", "no object found in the reference image: it looks like plain background; try another prompt or seed")
+    reference_png = torch.cat([reference.rgb, reference.mask], dim=-1)
+    output.artifacts["reference.png"] = save_png(workdir / "reference.png", reference_png)
+    output.timings["reference_s"] = time.perf_counter() - started
+    report("reference", 1.0, "reference image ready", workdir / "reference.png")
+
+    # 2. Orbit video.
+    started = time.perf_counter()
+    frames = generate_orbit(reference, config, seed, progress=lambda f, m: report("orbit", f, m), cancel=cancel)
+    output.evaluations += frames.evaluations
+    preview = _save_frames(workdir, "frames_round0.png", frames.images, output)
+    output.timings["orbit_s"] = time.perf_counter() - started
+    report("orbit", 1.0, f"{len(frames.cameras)} orbit frames", preview)
+    if float(frames.masks.max()) < 0.5:
+        raise PipelineError("no_object_found", "no object found in the orbit video: every frame is background; try another prompt or seed")
+
+    # 3. Fit splats to the frames.
+    started = time.perf_counter()
+    fitter = SplatFitter(config.recon, frames.cameras, frames.images, frames.masks, device, lpips_model(config, device))
+    output.metrics["fit"] = _fit(fitter, config.recon.steps, "fit", report, workdir, config, cancel, "fitting splats")
+    output.timings["fit_s"] = time.perf_counter() - started
+
+    # 4. Refinement rounds.
+    if rounds > 0:
+        _rediffusion_rounds(fitter, reference, frames.cameras, rounds, config, request, report, workdir, cancel, output)
+    output.metrics["final_fit"] = fitter.evaluate(frames.cameras, frames.images, frames.masks)
+
+    # 5-6. Mesh, texture, artifacts.
+    _mesh_and_export(fitter, workdir, config, report, cancel, output)
+    _finish(workdir, config, output)
+    return output
+
+
+def refine(request: dict, workdir: Path, config: Config, progress: ProgressFn | None, cancel) -> JobOutput:
+    """Views of an existing object → fit → re-diffuse orbit renders at the chosen strength → fit → mesh."""
+    from PIL import Image, UnidentifiedImageError
+
+    from im3d.diffusion import orbit_radius, prepare_reference
+    from im3d.splats.fit import SplatFitter
+
+    rounds = max(1, config.pipeline.refinement_rounds)
+    report = StageProgress(["load", "fit", "refine", "mesh", "export"], progress)
+    output = JobOutput()
+    device = pick_device(config.pipeline.device)
+    train, test = _load_views(request, report, config)
+
+    # The reference: the user's image, else the view closest to the front (azimuth 0, camera on -Y).
+    if request.get("image"):
+        try:
+            with Image.open(request["image"]) as image:
+                reference = prepare_reference(image.convert("RGBA"), config)
+        except (UnidentifiedImageError, OSError) as error:
+            raise PipelineError("invalid_image", f"the reference image cannot be read: {error}") from None
+    else:
+        centers = train.cameras.centers()
+        front = int(torch.argmin(torch.atan2(centers[:, 0], -centers[:, 1]).abs()))
+        rgba = torch.cat([train.composited([1.0, 1.0, 1.0])[front], train.masks[front]], dim=-1)
+        reference = prepare_reference(rgba, config)
+    output.artifacts["reference.png"] = save_png(workdir / "reference.png", torch.cat([reference.rgb, reference.mask], -1))
+
+    started = time.perf_counter()
+    fitter = SplatFitter(config.recon, train.cameras, train.images, train.masks, device, lpips_model(config, device))
+    output.metrics["fit"] = _fit(fitter, config.recon.steps, "fit", report, workdir, config, cancel, "fitting the object's views")
+    output.timings["fit_s"] = time.perf_counter() - started
+
+    # The orbit model's cameras, placed around the object where it is in the scene, at its size.
+    center, size = _object_extent(fitter)
+    d = config.diffusion
+    cameras = orbit_cameras(
+        d.num_views, elevation_deg=d.elevation_deg, radius=orbit_radius(d.orbit_fov_deg, d.frame_fill, max(size, 1e-3)),
+        fov_deg=d.orbit_fov_deg, width=d.image_size, target=tuple(float(x) for x in center),
+    )
+    _rediffusion_rounds(fitter, reference, cameras, rounds, config, request, report, workdir, cancel, output)
+    if test is not None:
+        output.metrics["heldout_original"] = fitter.evaluate(test.cameras, test.images, test.masks)
+    _mesh_and_export(fitter, workdir, config, report, cancel, output)
+    _finish(workdir, config, output)
+    return output

@@ -135,23 +135,6 @@ def snap_to_ridge(
     return snapped, float(depth.mean()) if len(depth) else 0.0
 
 
-def _face_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    tri = vertices[faces]
-    n = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
-    return n / np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-30)
-
-
-def count_folds(vertices: np.ndarray, faces: np.ndarray) -> int:
-    """Faces facing against all of their edge neighbours (folded-over slivers)."""
-    from im3d.mesh.texture import _edge_neighbours
-
-    n = _face_normals(vertices, faces)
-    neighbours = _edge_neighbours(faces)
-    valid = neighbours >= 0
-    dots = np.where(valid, np.einsum("fd,fkd->fk", n, n[np.maximum(neighbours, 0)]), 1.0)
-    return int(((dots < 0) | ~valid).all(axis=1).sum())
-
-
 def taubin_smooth(vertices: np.ndarray, faces: np.ndarray, iterations: int) -> np.ndarray:
     """Volume-preserving smoothing (Taubin lambda|mu), light: removes marching-cubes ripples."""
     if iterations <= 0:

@@ -265,7 +265,6 @@ class _CompositeCPU(torch.autograd.Function):
         ctx.kernel_inputs = (arrays, has_background, layout, final_T, n_walked)
         ctx.entry_slots = camera_ids * N + gaussian_ids  # row of each list entry in [C * N]
         ctx.shapes = (C, N, D)
-        ctx.has_background = has_background
         dtype = colors.dtype
         return (
             torch.from_numpy(out_colors).to(device=colors.device, dtype=dtype),
