@@ -18,9 +18,11 @@ of the LPIPS path only, their quality numbers mean nothing.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -70,6 +72,7 @@ def random_lpips_home(net: str) -> Path:
     from im3d.splats.losses import BACKBONE_FILES
 
     home = Path(tempfile.mkdtemp(prefix="im3d-bench-torchhome-"))
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
     checkpoints = home / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
     model = torchvision.models.vgg16() if net == "vgg" else torchvision.models.alexnet()
@@ -149,15 +152,15 @@ def run_in_child(spec: dict, env: dict) -> dict:
 
 def markdown_table(rows: list[dict]) -> str:
     lines = [
-        "| object | preset | backend | init | loss | steps | held-out PSNR (dB) | SSIM | mask IoU | Gaussians | wall (s) | steps/s | peak RSS (MiB) |",
-        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| object | preset | backend | init | loss | steps | held-out PSNR (dB) | SSIM | mask IoU | Gaussians | wall (s) | steps/s | steps/s after step 1 | peak RSS (MiB) |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     loss_names = {"off": "L1 + MS-SSIM + mask (no LPIPS)", "random": "LPIPS (random backbone, timing only)"}
     for r in rows:
         lines.append(
             f"| {r['object']} | {r['preset']} | {r['backend']} | {r['init']} | {loss_names[r['lpips']]} | {r['steps']} "
             f"| {r['psnr']:.2f} | {r['ssim']:.3f} | {r['mask_iou']:.3f} | {r['gaussians']:,} | {r['wall_s']:.1f} "
-            f"| {r['steps_per_s']:.2f} | {r['peak_rss_mib']:.0f} |"
+            f"| {r['steps_per_s']:.2f} | {r['steady_steps_per_s']:.2f} | {r['peak_rss_mib']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -212,11 +215,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="where ground-truth datasets are cached")
     parser.add_argument("--set", action="append", default=[], metavar="recon.KEY=VALUE", help="extra config assignments")
     parser.add_argument("--markdown", type=Path, help="also write the tables to this file")
+    parser.add_argument("--from-json", type=Path, help="re-print the tables of rows saved by an earlier --markdown run (its .json)")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.run_one:
         print(json.dumps(run_one(json.loads(args.run_one))))
+        return 0
+
+    if args.from_json:
+        print(report(json.loads(args.from_json.read_text())))
         return 0
 
     split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
@@ -253,6 +261,16 @@ def main(argv: list[str] | None = None) -> int:
                         f"{row['wall_s']:.1f} s, {row['steps_per_s']:.2f} steps/s", file=sys.stderr, flush=True,
                     )
 
+    text = report(rows)
+    print(text)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(text + "\n", encoding="utf-8")
+        args.markdown.with_suffix(".json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    return 0
+
+
+def report(rows: list[dict]) -> str:
     text = markdown_table(rows)
     comparison = init_comparison(rows)
     if comparison:
@@ -260,11 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = target_notes(rows)
     if notes:
         text += "\n\nAgainst the targets (fast ≥ 26 dB in ≤ 60 s, standard ≥ 28 dB):\n\n" + "\n".join(f"- {n}" for n in notes)
-    print(text)
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(text + "\n", encoding="utf-8")
-    return 0
+    return text
 
 
 def _add_backbone(home: Path, net: str) -> Path:

@@ -125,6 +125,7 @@ def test_lpips_backbone_loads_from_torch_hub_cache(tmp_path, monkeypatch):
     """The real loading path: a (random) AlexNet checkpoint in <TORCH_HOME>/hub/checkpoints."""
     import torchvision
 
+    previous_hub = torch.hub.get_dir()
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     torch.hub.set_dir(str(tmp_path / "hub"))
     try:
@@ -139,4 +140,4 @@ def test_lpips_backbone_loads_from_torch_hub_cache(tmp_path, monkeypatch):
         assert float(model(x, x, normalize=True).sum()) == pytest.approx(0.0, abs=1e-6)
         assert float(model(x, torch.rand(1, 3, 32, 32), normalize=True).sum()) > 0
     finally:
-        torch.hub.set_dir(str(torch.hub._get_torch_home() + "/hub"))
+        torch.hub.set_dir(previous_hub)

@@ -273,6 +273,19 @@ def test_default_strategy_accumulates_with_info(backend):
     assert torch.equal(state["count"], expected_count)
 
 
+def test_checkpointed_tiles_give_the_same_gradients(monkeypatch):
+    from im3d.splats import raster_torch
+
+    scene, bg = make_scene(12, n=20, views=2, width=20, height=18, sh_degree=1)
+    g = torch.Generator().manual_seed(1)
+    weights = (torch.randn(2, 18, 20, 4, generator=g), torch.randn(2, 18, 20, 1, generator=g))
+    stored = _gradients(scene, bg, "RGB+ED", "torch", weights)
+    monkeypatch.setattr(raster_torch, "CHECKPOINT_MIN_PAIRS", 0)  # recompute every tile in backward
+    recomputed = _gradients(scene, bg, "RGB+ED", "torch", weights)
+    for name, expected in stored.items():
+        torch.testing.assert_close(recomputed[name], expected, atol=1e-6, rtol=1e-5, msg=name)
+
+
 @pytest.mark.gpu
 def test_gsplat_matches_reference_on_cuda():
     scene, bg = make_scene(4, n=60, views=3, width=64, height=48, sh_degree=1)

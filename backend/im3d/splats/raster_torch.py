@@ -94,7 +94,7 @@ def composite_torch(
                     pixels = torch.stack([xs, ys], dim=-1).reshape(-1, 2) + 0.5
                     args = (pixels, means2d[cam, g], conics[cam, g], colors[cam, g], opacities[cam, g])
                     if use_checkpoint and len(pixels) * len(g) >= CHECKPOINT_MIN_PAIRS:
-                        tile_rgb, tile_t = checkpoint(composite_pixels, *args, use_reentrant=False)
+                        tile_rgb, tile_t = checkpoint(composite_pixels, *args, use_reentrant=False, preserve_rng_state=False)
                     else:
                         tile_rgb, tile_t = composite_pixels(*args)
                     tile_rgb = tile_rgb.reshape(y1 - y0, x1 - x0, D)
