@@ -41,8 +41,11 @@ def make_scene(n: int, views: int, size: int, sh_degree: int = 3):
     return (means, quats, scales, opacities, colors, cams.viewmats, cams.Ks, size, size), sh_degree, backgrounds
 
 
-def worker(backend: str, n: int, views: int, size: int, repeats: int) -> dict:
+def worker(backend: str, n: int, views: int, size: int, repeats: int, threads: int | None) -> dict:
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)  # also the CPU backend's kernel threads
 
     from im3d.splats.rasterize import rasterize
 
@@ -84,8 +87,10 @@ def worker(backend: str, n: int, views: int, size: int, repeats: int) -> dict:
                 peak_gpu_mib=peak_gpu, threads=torch.get_num_threads())  # fmt: skip
 
 
-def run_worker(backend: str, n: int, views: int, size: int, repeats: int) -> dict:
+def run_worker(backend: str, n: int, views: int, size: int, repeats: int, threads: int | None) -> dict:
     cmd = [sys.executable, __file__, "--worker", backend, f"{n}x{views}x{size}", "--repeats", str(repeats)]
+    if threads:
+        cmd += ["--threads", str(threads)]
     print(f"  running {backend} at {n} Gaussians, {views} views x {size}^2 ...", file=sys.stderr, flush=True)
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -139,6 +144,10 @@ def main() -> None:
         "--reference-repeats", type=int, default=1,
         help="timed runs for the torch reference at sizes over 1e9 pixel-Gaussian pairs (it takes minutes there)",
     )  # fmt: skip
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch + kernel threads (default: torch's); 1 is steadier on a machine busy with other jobs",
+    )  # fmt: skip
     parser.add_argument("--no-write", action="store_true", help=f"only print, do not update {DOC.relative_to(REPO)}")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("worker_size", nargs="?", help=argparse.SUPPRESS)
@@ -146,7 +155,7 @@ def main() -> None:
 
     if args.worker:
         n, views, size = map(int, args.worker_size.split("x"))
-        print(json.dumps(worker(args.worker, n, views, size, args.repeats)))
+        print(json.dumps(worker(args.worker, n, views, size, args.repeats, args.threads)))
         return
 
     import torch
@@ -158,7 +167,7 @@ def main() -> None:
         for backend in backends:
             big = n * views * size * size > 1e9
             repeats = args.reference_repeats if backend == "torch" and big else args.repeats
-            rows.append(run_worker(backend, n, views, size, repeats))
+            rows.append(run_worker(backend, n, views, size, repeats, args.threads))
     threads = rows[0]["threads"]
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     body = (

@@ -97,13 +97,16 @@ def num_threads() -> int:
 def _gather_tile(means2d, conics, colors, opacities, c, gaussian_ids, start, end):  # pragma: no cover
     """The tile's Gaussians as contiguous float64 arrays, front to back."""
     M, D = end - start, colors.shape[2]
-    splats = np.empty((M, 6))  # mean x, mean y, conic a, b, c, opacity
+    splats = np.empty((M, 7))  # mean x, mean y, conic a, b, c, opacity, sigma cut-off
     rgb = np.empty((M, D))
     for k in range(M):
         g = gaussian_ids[start + k]
         splats[k, 0], splats[k, 1] = means2d[c, g, 0], means2d[c, g, 1]
         splats[k, 2], splats[k, 3], splats[k, 4] = conics[c, g, 0], conics[c, g, 1], conics[c, g, 2]
         splats[k, 5] = opacities[c, g]
+        # alpha < 1/255 exactly when sigma > ln(255 opacity): skip those pairs before exp(),
+        # with a margin so that the exact test below still decides at the boundary.
+        splats[k, 6] = math.log(max(splats[k, 5], 1e-30) / ALPHA_THRESHOLD) + 1e-6
         for d in range(D):
             rgb[k, d] = colors[c, g, d]
     return splats, rgb
@@ -125,6 +128,8 @@ def _forward_tile(
             for k in range(M):
                 dx, dy = splats[k, 0] - px, splats[k, 1] - py
                 sigma = 0.5 * (splats[k, 2] * dx * dx + splats[k, 4] * dy * dy) + splats[k, 3] * dx * dy
+                if sigma > splats[k, 6]:
+                    continue
                 alpha = min(MAX_ALPHA, splats[k, 5] * math.exp(-sigma))
                 if sigma < 0.0 or alpha < ALPHA_THRESHOLD:
                     continue
@@ -190,6 +195,8 @@ def _backward_tile(
                 ca, cb, cc, op = splats[k, 2], splats[k, 3], splats[k, 4], splats[k, 5]
                 dx, dy = splats[k, 0] - px, splats[k, 1] - py
                 sigma = 0.5 * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
+                if sigma > splats[k, 6]:
+                    continue
                 vis = math.exp(-sigma)
                 alpha = min(MAX_ALPHA, op * vis)
                 if sigma < 0.0 or alpha < ALPHA_THRESHOLD:

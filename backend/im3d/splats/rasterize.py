@@ -22,7 +22,8 @@ import math
 from typing import Literal
 
 import torch
-from gsplat.cuda._torch_impl import _quat_scale_to_covar_preci, _spherical_harmonics
+import torch.nn.functional as F
+from gsplat.cuda._torch_impl import _eval_sh_bases_fast, _quat_scale_to_covar_preci
 from torch import Tensor
 
 BackendName = Literal["auto", "torch", "cpu", "gsplat"]
@@ -151,9 +152,12 @@ def view_colors(
     if sh_degree is None:
         return colors[None].expand(C, N, colors.shape[-1])
     campos = torch.linalg.inv(viewmats)[:, :3, 3]  # [C, 3]
-    dirs = means[None, :, :] - campos[:, None, :]  # [C, N, 3]
-    shs = colors[None].expand(C, *colors.shape)  # [C, N, K, 3]
-    rgb = _spherical_harmonics(sh_degree, dirs, shs)  # [C, N, 3]
+    dirs = F.normalize(means[None, :, :] - campos[:, None, :], dim=-1)  # [C, N, 3]
+    n_bases = (sh_degree + 1) ** 2
+    bases = _eval_sh_bases_fast(n_bases, dirs)  # [C, N, n_bases]
+    # Per Gaussian, [C, n_bases] @ [n_bases, 3]: no [C, N, K, 3] intermediate (gsplat's torch
+    # `_spherical_harmonics` broadcasts one, which dominates a CPU step at SH degree 3).
+    rgb = torch.bmm(bases.transpose(0, 1), colors[:, :n_bases, :]).transpose(0, 1)  # [C, N, 3]
     return torch.clamp_min(rgb + 0.5, 0.0)
 
 
