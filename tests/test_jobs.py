@@ -369,3 +369,15 @@ def test_unwritable_jobs_folder_is_a_clear_error(tmp_path):
         manager.start()
     assert info.value.code == "storage_error" and str(blocker) in info.value.message
     assert blocker.read_text() == "not a folder"
+
+
+def test_views_root_accepts_the_nerf_synthetic_name(tmp_path):
+    from im3d.jobs import ServiceError, find_views_root
+
+    nested = tmp_path / "upload" / "lego"
+    nested.mkdir(parents=True)
+    (nested / "transforms_train.json").write_text("{}")
+    assert find_views_root(tmp_path / "upload") == nested
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ServiceError, match="no transforms.json"):
+        find_views_root(tmp_path / "empty")

@@ -168,13 +168,24 @@ def extract_zip_safely(zip_path: Path, dest: Path, max_total_bytes: int, max_mem
                 raise refuse(f"member {info.filename!r} cannot be decompressed ({error})") from None
 
 
+VIEWS_JSON_NAMES = ("transforms.json", "transforms_train.json")  # Instant-NGP / NeRF-synthetic
+
+
+def views_json(root: Path) -> Path | None:
+    """The dataset JSON of a views folder, as `im3d.cameras.find_transforms` picks it."""
+    for name in VIEWS_JSON_NAMES:
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
 def find_views_root(folder: Path) -> Path:
-    """The folder holding `transforms.json`: `folder` itself or its single sub-folder."""
-    if (folder / "transforms.json").is_file():
+    """The folder holding `transforms.json` (or `transforms_train.json`): `folder` or its single sub-folder."""
+    if views_json(folder) is not None:
         return folder
     subdirs = [p for p in folder.iterdir() if p.is_dir() and p.name != "__MACOSX"]
     files = [p for p in folder.iterdir() if p.is_file()]
-    if len(subdirs) == 1 and not files and (subdirs[0] / "transforms.json").is_file():
+    if len(subdirs) == 1 and not files and views_json(subdirs[0]) is not None:
         return subdirs[0]
     raise ServiceError(
         400, "invalid_upload", "the views zip has no transforms.json at its root (or inside one top-level folder); zip the dataset folder that holds transforms.json"
@@ -188,7 +199,7 @@ def check_views_dataset(root: Path) -> int:
         return ServiceError(400, "invalid_upload", f"transforms.json {message}")
 
     try:
-        data = json.loads((root / "transforms.json").read_text(encoding="utf-8"))
+        data = json.loads(views_json(root).read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
         raise refuse(f"is not valid JSON ({error}); export the views again") from None
     frames = data.get("frames") if isinstance(data, dict) else None
