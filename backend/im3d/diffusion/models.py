@@ -149,6 +149,14 @@ _CACHE: dict[tuple, LoadedModel] = {}
 _LOCK = threading.Lock()
 
 
+def load_configured_pipeline(config: Any, model_id: str, what: str, pipeline_class: Any = None) -> LoadedModel:
+    """The warm pipeline for `model_id`, on the config's device and dtype (looked up as `resolve_model_folder` says)."""
+    d = config.diffusion
+    folder = resolve_model_folder(model_id, d.models_dir, what=what)
+    device = resolve_device(config.pipeline.device)
+    return load_pipeline(folder, device, resolve_dtype(d.dtype, device), d.cpu_offload, pipeline_class)
+
+
 def load_pipeline(
     folder: Path,
     device: torch.device,

@@ -516,19 +516,9 @@ def orbit_frame_cameras(config: Any, num_views: int, size: int) -> tuple[Cameras
 
 def load_orbit_pipeline(config: Any):
     """The warm `OrbitVideoPipeline` for `config.diffusion.orbit_model` (loaded on first use)."""
-    from im3d.diffusion.models import (
-        load_pipeline,
-        resolve_device,
-        resolve_dtype,
-        resolve_model_folder,
-    )
+    from im3d.diffusion.models import load_configured_pipeline
 
-    d = config.diffusion
-    folder = resolve_model_folder(d.orbit_model, d.models_dir, what="orbit-video model")
-    device = resolve_device(config.pipeline.device)
-    dtype = resolve_dtype(d.dtype, device)
-
-    return load_pipeline(folder, device, dtype, d.cpu_offload, OrbitVideoPipeline)
+    return load_configured_pipeline(config, config.diffusion.orbit_model, "orbit-video model", OrbitVideoPipeline)
 
 
 def generate_orbit(

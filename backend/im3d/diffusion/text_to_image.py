@@ -34,17 +34,9 @@ def object_prompts(prompt: str, negative_prompt: str = "") -> tuple[str, str]:
 
 
 def load_text_to_image_pipeline(config: Any):
-    from im3d.diffusion.models import (
-        load_pipeline,
-        resolve_device,
-        resolve_dtype,
-        resolve_model_folder,
-    )
+    from im3d.diffusion.models import load_configured_pipeline
 
-    d = config.diffusion
-    folder = resolve_model_folder(d.text_to_image_model, d.models_dir, what="text-to-image model")
-    device = resolve_device(config.pipeline.device)
-    return load_pipeline(folder, device, resolve_dtype(d.dtype, device), d.cpu_offload)
+    return load_configured_pipeline(config, config.diffusion.text_to_image_model, "text-to-image model")
 
 
 def generate_reference_image(
