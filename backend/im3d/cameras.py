@@ -24,19 +24,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from im3d.errors import Im3dError
 from im3d.io_utils import atomic_write_json
 
 # OpenGL camera axes -> OpenCV camera axes (flip y and z), applied on the right of camera-to-world.
 GL_TO_CV = np.diag([1.0, -1.0, -1.0, 1.0])
 
 
-class DatasetError(ValueError):
+class DatasetError(Im3dError, ValueError):
     """A multi-view dataset cannot be used; the message names the file and the problem."""
 
-    def __init__(self, path: str | Path, problem: str):
+    def __init__(self, path: str | Path, problem: str, code: str = "invalid_dataset"):
         self.path = str(path)
         self.problem = problem
-        super().__init__(f"{path}: {problem}")
+        super().__init__(code, f"{path}: {problem}")
 
 
 @dataclass

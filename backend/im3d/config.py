@@ -19,14 +19,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
+from im3d.errors import Im3dError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 
-class ConfigError(ValueError):
+class ConfigError(Im3dError, ValueError):
     """A configuration key or value is invalid; the message names its dotted path."""
+
+    def __init__(self, message: str):
+        super().__init__("invalid_config", message)
 
 
 @dataclass

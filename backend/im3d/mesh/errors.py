@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from im3d.errors import Im3dError
 
-class MeshingError(ValueError):
+
+class MeshingError(Im3dError, ValueError):
     """Meshing cannot produce a usable mesh; `code` names the cause for clients.
 
     Codes: ``invalid_splats`` (wrong shapes, NaN/inf values), ``no_surface`` (empty or fully
@@ -12,9 +14,7 @@ class MeshingError(ValueError):
     """
 
     def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+        super().__init__(code, message)
 
     def __str__(self) -> str:
         return f"{self.message} [{self.code}]"
