@@ -147,11 +147,98 @@ def build_torus_knot(p: int = 2, q: int = 3) -> bpy.types.Mesh:
     return mesh
 
 
+def _box(bm: bmesh.types.BMesh, lo: tuple[float, float, float], hi: tuple[float, float, float]) -> None:
+    """An axis-aligned box from corner `lo` to corner `hi`, added to `bm` (a closed component)."""
+    centre = [(a + b) / 2 for a, b in zip(lo, hi)]
+    size = [b - a for a, b in zip(lo, hi)]
+    bmesh.ops.create_cube(bm, size=1.0, matrix=Matrix.Translation(centre) @ Matrix.Diagonal((*size, 1.0)))
+
+
+def build_table() -> bpy.types.Mesh:
+    """Thin parts: a 1 x 0.7 top, 4 cm thick, on four 4 cm square legs 0.6 m long (touching, not overlapping)."""
+
+    def build(bm):
+        _box(bm, (-0.5, -0.35, 0.6), (0.5, 0.35, 0.64))
+        for x in (-0.44, 0.40):
+            for y in (-0.29, 0.25):
+                _box(bm, (x, y, 0.0), (x + 0.04, y + 0.04, 0.6))
+
+    return _bmesh_to_mesh("table", build)
+
+
+def build_bowl() -> bpy.types.Mesh:
+    """A concavity: the lower half of a sphere, 3 cm thick walls (solidify), open at the top."""
+
+    def build(bm):
+        bmesh.ops.create_uvsphere(bm, u_segments=64, v_segments=32, radius=0.5)
+        bmesh.ops.delete(bm, geom=[v for v in bm.verts if v.co.z > 1e-6], context="VERTS")
+
+    def modifiers(obj):
+        solid = obj.modifiers.new("walls", "SOLIDIFY")
+        solid.thickness, solid.offset = 0.03, -1.0
+        obj.modifiers.new("subdivision", "SUBSURF").levels = 1
+
+    return _object_with_modifiers(_bmesh_to_mesh("bowl", build), modifiers)
+
+
+def build_sheet() -> bpy.types.Mesh:
+    """A flat sheet: a 0.9 x 0.7 board, 2.5 cm thick, standing tilted 20 degrees from vertical."""
+
+    def build(bm):
+        bmesh.ops.create_cube(bm, size=1.0, matrix=Matrix.Rotation(math.radians(70), 4, "X") @ Matrix.Diagonal((0.9, 0.7, 0.025, 1.0)))
+
+    return _bmesh_to_mesh("sheet", build)
+
+
+def build_wedge() -> bpy.types.Mesh:
+    """Sharp edges: a triangular prism (a door wedge) with a 30 degree ridge, unsmoothed."""
+
+    def build(bm):
+        profile = [(-0.5, 0.0), (0.5, 0.0), (-0.5, 0.58)]  # (y, z): a right triangle, 30 deg at y = +0.5
+        front = [bm.verts.new((-0.3, y, z)) for y, z in profile]
+        back = [bm.verts.new((0.3, y, z)) for y, z in profile]
+        bm.faces.new(front[::-1])
+        bm.faces.new(back)
+        for i in range(3):
+            j = (i + 1) % 3
+            bm.faces.new((front[i], front[j], back[j], back[i]))
+        bmesh.ops.recalc_face_normals(bm, faces=bm.faces)
+
+    return _bmesh_to_mesh("wedge", build)
+
+
+def build_bumpy() -> bpy.types.Mesh:
+    """Fine bumps: a sphere whose radius carries a 4 % ripple of 8 bumps around (displaced in place)."""
+
+    def build(bm):
+        bmesh.ops.create_icosphere(bm, subdivisions=6, radius=0.5)
+        for v in bm.verts:
+            n = v.co.normalized()
+            v.co = n * (0.5 + 0.02 * math.sin(8 * math.atan2(n.y, n.x)) * math.sin(8 * math.acos(max(-1.0, min(1.0, n.z)))))
+
+    return _bmesh_to_mesh("bumpy", build)
+
+
+def build_sphere() -> bpy.types.Mesh:
+    return _bmesh_to_mesh("sphere", lambda bm: bmesh.ops.create_icosphere(bm, subdivisions=5, radius=0.5))
+
+
+def build_torus() -> bpy.types.Mesh:
+    return _bmesh_to_mesh("torus", lambda bm: _torus(bm, 0.35, 0.13, 96, 32, Matrix.Rotation(math.radians(30), 4, "X")))
+
+
 BUILDERS: dict[str, Callable[[], bpy.types.Mesh]] = {
     "suzanne": build_suzanne,
     "mug": build_mug,
     "rounded_box": build_rounded_box,
     "torus_knot": build_torus_knot,
+    "table": build_table,
+    "bowl": build_bowl,
+    "sheet": build_sheet,
+    "wedge": build_wedge,
+    "bumpy": build_bumpy,
+    "sphere": build_sphere,
+    "torus": build_torus,
 }
 
 
@@ -219,7 +306,10 @@ def albedo_material(name: str, pattern: str) -> bpy.types.Material:
     return material
 
 
-PATTERNS = {"suzanne": "noise", "mug": "checker", "rounded_box": "wave", "torus_knot": "gradient"}
+PATTERNS = {
+    "suzanne": "noise", "mug": "checker", "rounded_box": "wave", "torus_knot": "gradient", "table": "wave",
+    "bowl": "checker", "sheet": "noise", "wedge": "checker", "bumpy": "gradient", "sphere": "noise", "torus": "wave",
+}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
