@@ -75,13 +75,15 @@ class SplatFitter:
         device: torch.device | str = "cpu",
         lpips_model: torch.nn.Module | None = None,
         splats: torch.nn.ParameterDict | None = None,
+        seed: int = 0,  # the job's pipeline.seed: initialisation, view sampling, densification
     ):
         from gsplat.strategy import DefaultStrategy
 
         self.config = config
         self.device = torch.device(device)
         self.backend = pick_backend(self.device, config.backend)
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
         self.background = torch.tensor(config.background, dtype=torch.float32, device=self.device)
         self.set_targets(images, masks, cameras)
 
@@ -225,18 +227,21 @@ class SplatFitter:
         self.strategy.refine_start_iter = first + (c.densify_start if first == 0 else c.densify_every)
         self.strategy.refine_stop_iter = first + int(c.densify_stop_fraction * steps) if densify else first
         views = C if c.views_per_step == 0 else min(c.views_per_step, C)
-        means_lr0 = c.lr_means * self.scene_scale * self.lr_factor
+        means_lr0 = c.lr_means * self.scene_scale  # times self.lr_factor, read every step: a rollback halves it
         if self._params_finite():
             self._last_good = self._snapshot()
         history: list[tuple[int, float]] = []
         loss_value, terms = float("nan"), {}
+        # gsplat's DefaultStrategy draws its split samples from the global torch RNG: seed it from
+        # the job's seed (and the step, so each fit() call of a job gets its own stream).
+        torch.manual_seed((self.seed * 1_000_003 + first) % 2**63)
 
         step = 0
         while step < steps:
             check_cancel(cancel)
             # Positions anneal to 1% of their learning rate over the call, as in gsplat's trainer.
             for group in self.optimizers["means"].param_groups:
-                group["lr"] = means_lr0 * 0.01 ** (step / max(steps, 1))
+                group["lr"] = means_lr0 * self.lr_factor * 0.01 ** (step / max(steps, 1))
             index = torch.randperm(C, generator=self.generator)[:views] if views < C else torch.arange(C)
             cams = self.cameras[index.tolist()]
             colors, alphas, info = self._rasterize(cams, self.backend)
