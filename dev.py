@@ -85,7 +85,7 @@ def cmd_test(args: list[str]) -> int:
 
 def cmd_demo(args: list[str]) -> int:
     python = ensure_python_env(ensure_uv())
-    demo = ROOT / "bench" / "main_job.py"
+    demo = ROOT / "tools" / "main_job.py"
     return subprocess.run([str(python), str(demo), *args], cwd=ROOT).returncode
 
 

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import trimesh  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from im3d_blender import importer, runtime, turntable  # noqa: E402
+from im3d_blender import importer, local_backend, paths, runtime, turntable  # noqa: E402
 
 
 def textured_glb(path: Path, triangles: int = 100_000, texture: int = 1024) -> int:
@@ -72,9 +72,9 @@ def free_port() -> int:
 def bench_stall(folder: Path, seconds: float = 8.0) -> tuple[float, float, int]:
     """Longest and median `runtime.pump` call (the timer callback) while a job runs on a real backend."""
     bpy.ops.wm.read_homefile(use_factory_startup=True)
-    prefs = runtime.preferences()
+    prefs = paths.preferences()
     prefs.python_path, prefs.port, prefs.device = sys.executable, free_port(), "cpu"
-    process = runtime.local_process(prefs)
+    process = local_backend.local_process(prefs)
     process.extra_args = ["--runner", "blender_slow_runner:run"]
     process.extra_env = {"PYTHONPATH": str(ROOT / "tests")}
     process.start()
@@ -95,7 +95,7 @@ def bench_stall(folder: Path, seconds: float = 8.0) -> tuple[float, float, int]:
             runtime.pump()
             time.sleep(0.05)
     finally:
-        runtime.stop_backend()
+        local_backend.stop_backend()
     return max(durations), statistics.median(durations), len(durations)
 
 

@@ -1,7 +1,8 @@
 """IM-3D for Blender: prompt or image to a textured mesh, and refinement of selected objects.
 
 The backend (torch, diffusers, gsplat) runs as its own process, spoken to over HTTP on 127.0.0.1;
-this package uses only the standard library and bpy. bpy-free parts: client, jobs, backend_process.
+this package uses only the standard library and bpy. bpy-free modules: client, jobs,
+backend_process, setup_env, progress. See docs/addon.md for the module map.
 """
 
 from __future__ import annotations
@@ -10,15 +11,19 @@ from __future__ import annotations
 def _modules():
     from . import operators, preferences, properties, ui
 
-    return properties, preferences, operators, ui
+    modules = [preferences, operators, ui]
+    models_ui = preferences.models_ui()  # Preferences → Models, when this version has it
+    if models_ui is not None and hasattr(models_ui, "classes"):
+        modules.append(models_ui)
+    return properties, modules
 
 
 def register() -> None:
     import bpy
 
-    properties, preferences, operators, ui = _modules()
+    properties, modules = _modules()
     properties.register()
-    for module in (preferences, operators, ui):
+    for module in modules:
         for cls in module.classes:
             bpy.utils.register_class(cls)
 
@@ -29,8 +34,8 @@ def unregister() -> None:
     from . import runtime
 
     runtime.shutdown()
-    properties, preferences, operators, ui = _modules()
-    for module in (ui, operators, preferences):
+    properties, modules = _modules()
+    for module in reversed(modules):
         for cls in reversed(module.classes):
             bpy.utils.unregister_class(cls)
     properties.unregister()

@@ -1,7 +1,10 @@
-"""The local backend: its Python environment (set up with uv from the bundled lock) and its process.
+"""The local backend process: start, recognise, watch and stop `python -m im3d.server` on 127.0.0.1.
 
 Standard library only, no bpy, so scripts and tests drive it the same way the preferences do.
 The backend binds 127.0.0.1 only; its bearer token lives in a file only this user can read.
+A backend is recognised by its protocol (`/v1/health` answering with `protocol`), never by "some
+HTTP answer on the port": another program on the port gets a message that names the port.
+(The environment it runs in is made by `setup_env.py`.)
 """
 
 from __future__ import annotations
@@ -9,25 +12,53 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import deque
 from pathlib import Path
 from typing import Callable
 
-from .client import BackendClient, BackendError
+from .client import PROTOCOL_VERSION, BackendClient, BackendError
+from .setup_env import IS_WINDOWS, environment_ready
 
-LogFn = Callable[[str], None]
-IS_WINDOWS = os.name == "nt"
+# What the backend prints when its port is taken (im3d.server.bind_socket, uvicorn, the OS).
+PORT_TAKEN_MARKERS = ("address already in use", "cannot listen on", "only one usage of each socket address")
 
 
-def env_python(env_dir: str | os.PathLike) -> Path:
-    env_dir = Path(env_dir)
-    return env_dir / ("Scripts/python.exe" if IS_WINDOWS else "bin/python")
+def probe(url: str, token: str, timeout: float = 1.0) -> str:
+    """What answers on `url`: "free" (nothing), "im3d" (our protocol, our token),
+    "im3d_other_token" (an IM-3D backend that does not know our token) or "foreign" (another program)."""
+    request = urllib.request.Request(url + "/v1/health", headers={"Authorization": f"Bearer {token}", "Accept": "application/json"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            status, body = response.status, response.read(4096)
+    except urllib.error.HTTPError as error:
+        status, body = error.code, error.read(4096)
+    except Exception as error:  # noqa: BLE001 - anything but "refused" means some program holds the port
+        reason = getattr(error, "reason", error)
+        if isinstance(reason, ConnectionRefusedError) or "refused" in str(reason).lower():
+            return "free"
+        return "foreign"  # a timeout, a reset, an answer that is not HTTP
+    try:
+        payload = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return "foreign"
+    if status == 200 and isinstance(payload, dict) and payload.get("protocol") == PROTOCOL_VERSION and "version" in payload:
+        return "im3d"
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if status == 401 and isinstance(error, dict) and error.get("code") == "unauthorized":
+        return "im3d_other_token"
+    return "foreign"
+
+
+def port_taken_message(port: int, log_line: str = "") -> str:
+    text = f"port {port} is used by another program; pick another port in Preferences (IM-3D → Port) and start again"
+    return text + (f" (the backend's log: {log_line})" if log_line else "")
 
 
 def read_or_create_token(path: str | os.PathLike) -> str:
@@ -53,77 +84,6 @@ def tail(path: str | os.PathLike, lines: int = 12) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Environment set-up
-
-
-def find_uv(tools_dir: str | os.PathLike | None = None) -> str | None:
-    found = shutil.which("uv")
-    if found:
-        return found
-    if tools_dir is not None:
-        for candidate in Path(tools_dir).glob("**/uv.exe" if IS_WINDOWS else "**/bin/uv"):
-            if candidate.is_file():
-                return str(candidate)
-    return None
-
-
-def setup_environment(
-    source_dir: str | os.PathLike,
-    env_dir: str | os.PathLike,
-    tools_dir: str | os.PathLike,
-    log: LogFn,
-    cancel: Callable[[], bool] = lambda: False,
-    python_version: str = "3.11",
-) -> Path:
-    """Create the backend's environment exactly from `source_dir/uv.lock`; returns its Python.
-
-    Installs uv into `tools_dir` with Blender's own pip when it is not on PATH. Every output line
-    goes to `log`; a failure raises `BackendError("setup_failed", ...)` quoting the last lines.
-    """
-    source_dir = Path(source_dir)
-    for needed in ("pyproject.toml", "uv.lock", "im3d"):
-        if not (source_dir / needed).exists():
-            raise BackendError("setup_failed", f"the bundled backend is incomplete: {source_dir / needed} is missing; reinstall the extension")
-    uv = find_uv(tools_dir)
-    if uv is None:
-        log(f"uv not found on PATH: installing it into {tools_dir}")
-        _run_logged([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--target", str(tools_dir), "uv"], log, cancel)
-        uv = find_uv(tools_dir)
-        if uv is None:
-            raise BackendError("setup_failed", "pip installed uv but its executable was not found; install uv yourself (https://docs.astral.sh/uv/)")
-    env = dict(os.environ, UV_PROJECT_ENVIRONMENT=str(env_dir))
-    command = [uv, "sync", "--project", str(source_dir), "--frozen", "--no-dev", "--python", python_version]
-    _run_logged(command, log, cancel, env=env)
-    python = env_python(env_dir)
-    if not python.exists():
-        raise BackendError("setup_failed", f"uv finished but {python} does not exist")
-    log(f"backend environment ready: {python}")
-    return python
-
-
-def _run_logged(command: list[str], log: LogFn, cancel: Callable[[], bool], env: dict | None = None) -> None:
-    log("$ " + " ".join(command))
-    try:
-        process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1, errors="replace"
-        )
-    except OSError as error:
-        raise BackendError("setup_failed", f"cannot run {command[0]}: {error.strerror}") from None
-    last: deque[str] = deque(maxlen=5)
-    assert process.stdout is not None
-    for line in process.stdout:
-        line = line.rstrip()
-        last.append(line)
-        log(line)
-        if cancel():
-            process.terminate()
-            process.wait()
-            raise BackendError("setup_cancelled", "setting up the backend was cancelled")
-    if process.wait() != 0:
-        raise BackendError("setup_failed", f"{Path(command[0]).name} {command[1]} failed (exit {process.returncode}): " + " | ".join(last))
-
-
-# ----------------------------------------------------------------------------------------------
 # The process
 
 
@@ -141,8 +101,10 @@ class BackendProcess:
         extra_assignments: list[str] | None = None,
         extra_env: dict | None = None,
         extra_args: list[str] | None = None,
+        env_dir: str | os.PathLike | None = None,
     ):
         self.python = str(python)
+        self.env_dir = Path(env_dir) if env_dir else None  # set when the environment is the set-up one
         self.data_dir = Path(data_dir)
         self.port, self.device, self.low_vram, self.models_dir = int(port), device, low_vram, models_dir
         self.extra_assignments = list(extra_assignments or [])
@@ -153,6 +115,9 @@ class BackendProcess:
         self.process: subprocess.Popen | None = None
         self._log_file = None
         self._lock = threading.Lock()
+        self.ready = False  # /v1/health answered with our protocol since the last start
+        self.adopted = False  # an IM-3D backend of ours was already serving the port (e.g. from a crashed Blender)
+        self.last_error = ""
 
     @property
     def url(self) -> str:
@@ -185,8 +150,11 @@ class BackendProcess:
         with self._lock:
             if self.running():
                 return
-            if not Path(self.python).exists():
-                raise BackendError("backend_not_set_up", f"the backend's Python {self.python} does not exist; press 'Set up backend' in the add-on's preferences")
+            if not Path(self.python).exists() or (self.env_dir is not None and not environment_ready(self.env_dir)):
+                raise BackendError(
+                    "backend_not_set_up", "the backend is not set up yet: press Set up Backend in the add-on's preferences (Edit → Preferences → Add-ons → IM-3D)"
+                )
+            self.ready, self.adopted, self.last_error = False, False, ""
             self.data_dir.mkdir(parents=True, exist_ok=True)
             self.token()
             self._log_file = open(self.log_path, "ab", buffering=0)
@@ -203,26 +171,70 @@ class BackendProcess:
                 raise BackendError("backend_start_failed", f"cannot start {self.python}: {error.strerror}") from None
 
     def wait_ready(self, timeout: float = 60.0, cancel: Callable[[], bool] = lambda: False) -> dict:
-        """Block until /v1/health answers; a process that exits first raises with its last log lines."""
+        """Block until /v1/health answers with our protocol; a process that exits first raises with its last log lines."""
         deadline = time.monotonic() + timeout
         client = self.client(timeout=2.0)
         while True:
             if self.process is not None and self.process.poll() is not None:
-                raise BackendError(
-                    "backend_exited", f"the backend exited with code {self.process.returncode}: " + " | ".join(tail(self.log_path, 5))
-                )
+                raise self._fail(self._exit_error())
             try:
-                return client.health(timeout=2.0)
+                health = client.health(timeout=2.0)
+                self.ready = True
+                return health
             except BackendError as error:
                 if error.code not in ("backend_unreachable", "timeout"):
-                    raise
-            if cancel() or time.monotonic() > deadline:
-                raise BackendError("backend_start_timeout", f"the backend did not answer within {timeout:.0f} s; see {self.log_path}")
+                    # Something answered that is not our backend (or not with our token): name the port.
+                    kind = probe(self.url, self.token())
+                    if kind == "foreign":
+                        raise self._fail(BackendError("port_in_use", port_taken_message(self.port, self._last_line())))
+                    raise self._fail(error)
+            if cancel():
+                raise BackendError("cancelled", "starting the backend was cancelled")
+            if time.monotonic() > deadline:
+                raise self._fail(BackendError("backend_start_timeout", f"the backend did not answer within {timeout:.0f} s; its log: {self._last_line() or self.log_path}"))
             time.sleep(0.2)
+
+    def ensure_ready(self, timeout: float = 90.0, cancel: Callable[[], bool] = lambda: False) -> dict:
+        """Make sure an IM-3D backend of ours answers on the port: adopt one already there, else start
+        ours and wait for it. Meant for a worker thread: it blocks for as long as the start takes."""
+        if self.running():
+            return self.wait_ready(timeout, cancel)
+        kind = probe(self.url, self.token())
+        if kind == "im3d":
+            self.ready, self.adopted = True, True
+            return self.client().health()
+        if kind == "im3d_other_token":
+            raise self._fail(BackendError(
+                "port_in_use", f"another IM-3D backend (not started by this Blender user folder) is using port {self.port}; "
+                "stop it, or pick another port in Preferences (IM-3D → Port)",
+            ))
+        if kind == "foreign":
+            raise self._fail(BackendError("port_in_use", port_taken_message(self.port)))
+        self.start()
+        return self.wait_ready(timeout, cancel)
+
+    def _exit_error(self) -> BackendError:
+        code = self.process.returncode if self.process is not None else None
+        lines = tail(self.log_path, 40)
+        since_start = lines[max((i for i, l in enumerate(lines) if l.startswith("--- starting backend")), default=-1) + 1:]
+        if any(marker in line.lower() for line in since_start for marker in PORT_TAKEN_MARKERS):
+            return BackendError("port_in_use", port_taken_message(self.port, self._last_line()))
+        if any("No module named 'im3d'" in line for line in since_start):
+            return BackendError("backend_not_set_up", f"{self.python} has no im3d package: press Set up Backend in the add-on's preferences")
+        return BackendError("backend_exited", f"the backend exited with code {code}: " + " | ".join(since_start[-3:]))
+
+    def _last_line(self) -> str:
+        lines = [line for line in tail(self.log_path, 20) if line.strip() and not line.startswith("--- starting backend")]
+        return lines[-1].strip()[:300] if lines else ""
+
+    def _fail(self, error: BackendError) -> BackendError:
+        self.ready, self.last_error = False, error.message
+        return error
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._lock:
             process, self.process = self.process, None
+            self.ready = self.adopted = False
             if process is not None and process.poll() is None:
                 try:
                     if IS_WINDOWS:
@@ -240,10 +252,15 @@ class BackendProcess:
         self.start()
 
     def status_text(self) -> str:
+        """What the preferences show; "running" only for a live process that answered (never for an exited one)."""
         if self.process is None:
-            return "stopped"
+            if self.adopted and self.ready:
+                return f"running (an IM-3D backend already on port {self.port})"
+            return f"stopped: {self.last_error}" if self.last_error else "stopped"
         code = self.process.poll()
-        return f"running (pid {self.process.pid})" if code is None else f"exited with code {code}"
+        if code is not None:
+            return f"exited with code {code}: {self.last_error or self._last_line()}"
+        return f"running (pid {self.process.pid}, port {self.port})" if self.ready else "starting…"
 
     def last_log_lines(self, lines: int = 12) -> list[str]:
         return tail(self.log_path, lines)

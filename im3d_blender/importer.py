@@ -68,14 +68,15 @@ def import_result(
     name: str,
     provenance: dict,
     location: Vector | None = None,
-    beside: bpy.types.Object | None = None,
+    frame: Matrix | None = None,
+    matrix_world: Matrix | None = None,
 ) -> bpy.types.Object:
     """Import `glb_path` as one mesh object named `name` in the IM-3D collection and return it.
 
-    Generate results (centred on the origin, resting on z = 0) go to `location` (the 3D cursor).
-    Refine results are in the world frame of the turntable that rendered `beside`: the new object
-    gets `beside`'s transform and sits next to it, one bounding-box width along +X.
-    On any failure nothing new stays in the scene.
+    The file's geometry is in the world frame of the job's cameras. `frame` is the matrix the mesh
+    data is expressed in (the refined original's transform, so the copy rotates and scales like it;
+    identity for generated objects); `matrix_world` places the object (default: `frame`, or a
+    translation to `location` — the 3D cursor for Generate). On any failure nothing new stays.
     """
     scene = scene or bpy.context.scene
     path = Path(glb_path)
@@ -87,14 +88,12 @@ def import_result(
         obj.parent = None
         obj.data.transform(world)  # bake the file's node transform (its Y-up to Z-up turn included)
         _remove_objects(set(created) - {obj})
-        obj.matrix_world = Matrix.Identity(4)
-        if beside is not None:
-            original = beside.matrix_world.copy()
-            obj.data.transform(original.inverted_safe())
-            width = max(beside.dimensions.x, 0.1)
-            obj.matrix_world = Matrix.Translation(Vector((1.2 * width, 0.0, 0.0))) @ original
-        elif location is not None:
-            obj.matrix_world = Matrix.Translation(location)
+        frame = Matrix(frame) if frame is not None else Matrix.Identity(4)
+        if abs(frame.determinant()) > 1e-12:
+            obj.data.transform(frame.inverted_safe())
+        if matrix_world is None:
+            matrix_world = Matrix.Translation(Vector(location)) @ frame if location is not None else frame
+        obj.matrix_world = Matrix(matrix_world)
         obj.data.update()
 
         collection = result_collection(scene)
@@ -129,3 +128,31 @@ def _alive(obj) -> bool:
         return obj.name in bpy.data.objects
     except ReferenceError:
         return False
+
+
+def world_box(obj, matrix: Matrix | None = None) -> tuple[Vector, Vector]:
+    """Axis-aligned world bounds of `obj` (placed at `matrix` when given)."""
+    matrix = matrix if matrix is not None else obj.matrix_world
+    corners = [matrix @ Vector(c) for c in obj.bound_box]
+    return (Vector(tuple(min(c[i] for c in corners) for i in range(3))), Vector(tuple(max(c[i] for c in corners) for i in range(3))))
+
+
+def _overlap(a: tuple[Vector, Vector], b: tuple[Vector, Vector]) -> bool:
+    return all(a[0][i] < b[1][i] and b[0][i] < a[1][i] for i in range(3))
+
+
+def place_beside(obj, anchor: Matrix, width: float, scene: bpy.types.Scene, avoid: set | None = None, max_tries: int = 12) -> Matrix:
+    """Put `obj` (its data in `anchor`'s frame) one `width` along +X from `anchor`, further while that
+    spot is taken by another visible object, so a second refine does not stack on the first copy."""
+    width = max(width, 0.1)
+    others = [
+        world_box(o) for o in scene.objects
+        if o is not obj and o.type == "MESH" and o.visible_get() and (avoid is None or o.name not in avoid)
+    ]
+    for step in range(1, max_tries + 1):
+        matrix = Matrix.Translation(Vector((1.2 * width * step, 0.0, 0.0))) @ anchor
+        box = world_box(obj, matrix)
+        if not any(_overlap(box, other) for other in others):
+            break
+    obj.matrix_world = matrix
+    return matrix

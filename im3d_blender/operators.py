@@ -1,47 +1,57 @@
-"""Operators of the sidebar: thin wrappers around runtime (jobs), turntable and importer.
+"""Operators of the sidebar: thin shells around `runtime.JobFlow`, the turntable and the importer.
 
-Interactive (`invoke`): the job runs in a worker thread, a timer applies its events on the main
-thread, a modal handler catches Esc. `execute()` (scripts, `blender -b`, the bpy module) runs the
-job to the end synchronously, unless `asynchronous=True` (then the caller pumps `runtime.pump`).
+Interactive (`invoke`): the flow runs from a timer (`runtime.pump`) — backend start and network in
+worker threads, turntable views one per tick — and a modal handler only catches Esc. `execute()`
+(scripts, `blender -b`, the bpy module) runs the flow to the end synchronously, unless
+`asynchronous=True` (then the caller pumps `runtime.pump`, as tests and benches do).
 """
 
 from __future__ import annotations
 
+import math
 import random
-import shutil
 
 import bpy
 from bpy.props import BoolProperty
+from mathutils import Matrix
 
-from . import runtime
+from . import local_backend, runtime
 from .client import BackendError
-from .importer import ImportFailed, object_name
-from .jobs import JobRun
+from .importer import ImportFailed, object_name, place_beside
+from .job_request import lpips_wanted, make_spec
+from .paths import preferences, turntable_folder
 from .turntable import TurntableError, TurntableRender, orbit_views
+
+REFINABLE = ("MESH", "CURVE", "SURFACE", "META", "FONT")
 
 
 def _mesh_selection(context) -> list:
-    return [obj for obj in context.selected_objects if obj.type in ("MESH", "CURVE", "SURFACE", "META", "FONT")]
+    selection = [obj for obj in context.selected_objects if obj.type in REFINABLE]
+    active = context.active_object
+    if active in selection:  # the active object first, the rest in name order
+        selection.remove(active)
+        return [active] + sorted(selection, key=lambda o: o.name)
+    return sorted(selection, key=lambda o: o.name)
 
 
-def _views_remover(views_dir):
-    def remove(job, outcome):
-        if views_dir:
-            shutil.rmtree(views_dir, ignore_errors=True)
-
-    return remove
+def _busy_poll(cls) -> bool:
+    reason = runtime.busy_reason()
+    if reason:
+        cls.poll_message_set(reason)
+        return False
+    return True
 
 
 class _JobOperator:
-    asynchronous: BoolProperty(name="Asynchronous", description="Run the job in a worker thread (the caller pumps runtime.pump)", default=False, options={"HIDDEN", "SKIP_SAVE"})
+    asynchronous: BoolProperty(
+        name="Asynchronous", description="Run the job from a timer and worker threads; the caller pumps runtime.pump (scripts, tests)",
+        default=False, options={"HIDDEN", "SKIP_SAVE"},
+    )
 
     _timer = None
-    _job = None
-    _turntable = None
-    _next_view = 0
+    _flow = None
 
-    # -- what each operator prepares
-    def prepare(self, context) -> runtime.ActiveJob:
+    def prepare(self, context) -> runtime.JobFlow:
         raise NotImplementedError
 
     def _fail(self, context, message: str) -> set:
@@ -50,40 +60,34 @@ class _JobOperator:
         self.report({"ERROR"}, message)
         return {"CANCELLED"}
 
-    def _begin(self, context, views_dir: str | None) -> runtime.ActiveJob:
-        prefs = runtime.preferences()
+    def _make_flow(self, context, targets: list) -> runtime.JobFlow:
         state = context.scene.im3d
-        client = runtime.client_for(prefs)
-        spec = runtime.make_spec(state, self.kind, views_dir)
-        run = JobRun(client, spec, runtime.results_dir())
-        state.job_state, state.job_stage, state.job_error, state.job_message = "starting", "", "", ""
-        state.job_progress, state.job_id, state.job_eta = 0.0, "", ""
-        return run
+        prefs = preferences()
+        spec = make_spec(state, self.kind)
+        key = f"{self.kind}-{spec.preset}-{'diffusion' if self.kind == 'generate' or state.refine_use_diffusion else 'nodiffusion'}"
+        flow = runtime.JobFlow(scene_name=context.scene.name, spec=spec, targets=targets, speed_key=key)
+        flow.preparation = local_backend.Preparation(prefs)
+        flow.check_lpips = lpips_wanted(state)
+        return flow
 
     def execute(self, context):
         if runtime.Jobs.active is not None:
-            return self._fail(context, "a job is already running; cancel it or wait for it to finish")
+            return self._fail(context, runtime.busy_reason())
         try:
-            job = self.prepare(context)
-            if self.kind == "refine":
-                with self._turntable as turntable:
-                    turntable.render_all()
-            job.run = self._begin(context, self._views_dir)
-            if self.asynchronous:
-                job.on_done = _views_remover(self._views_dir)
-                runtime.start_job(job)
-                return {"FINISHED"}
-            result = job.run.run()
-            obj = runtime.apply_result(job, result)
+            flow = self.prepare(context)
+        except (BackendError, TurntableError) as error:
+            return self._fail(context, getattr(error, "message", str(error)))
+        if self.asynchronous:
+            runtime.start_flow(flow)
+            return {"FINISHED"}
+        state = context.scene.im3d
+        state.job_state, state.job_error, state.job_message = "running", "", ""
+        try:
+            names = flow.run_synchronously(local_backend.client(preferences()))
         except (BackendError, ImportFailed, TurntableError) as error:
             return self._fail(context, getattr(error, "message", str(error)))
-        finally:
-            if not self.asynchronous:
-                self._discard_views()
-        state = context.scene.im3d
-        state.job_state, state.job_message = "succeeded", f"imported {obj.name}"
-        runtime.undo_push(f"IM-3D: import {obj.name}")
-        self.report({"INFO"}, f"IM-3D: imported {obj.name}")
+        state.job_state, state.job_message, state.job_progress = "succeeded", "Imported " + ", ".join(names), 1.0
+        self.report({"INFO"}, "IM-3D: imported " + ", ".join(names))
         return {"FINISHED"}
 
     # -- interactive
@@ -91,64 +95,30 @@ class _JobOperator:
         if bpy.app.background or context.window is None:
             return self.execute(context)
         if runtime.Jobs.active is not None:
-            return self._fail(context, "a job is already running; cancel it or wait for it to finish")
+            return self._fail(context, runtime.busy_reason())
         try:
-            self._job = self.prepare(context)
-            if self.kind == "refine":
-                self._turntable.setup()
-                self._next_view = 0
-            else:
-                self._launch(context)
+            self._flow = self.prepare(context)
+            runtime.start_flow(self._flow)
         except (BackendError, TurntableError) as error:
-            self._cleanup_turntable()
             return self._fail(context, getattr(error, "message", str(error)))
-        self._timer = context.window_manager.event_timer_add(0.05, window=context.window)
+        self._timer = context.window_manager.event_timer_add(0.2, window=context.window)
         context.window_manager.modal_handler_add(self)
         return {"RUNNING_MODAL"}
 
-    def _launch(self, context) -> None:
-        self._job.run = self._begin(context, self._views_dir)
-        self._job.on_done = _views_remover(self._views_dir)
-        runtime.start_job(self._job)
-
     def modal(self, context, event):
-        if event.type == "ESC" and event.value == "PRESS":
-            if self._turntable is not None and self._turntable.scene is not None:
-                self._cleanup_turntable()
-                self._discard_views()
-                context.scene.im3d.job_state = "cancelled"
-                return self._finish(context, {"CANCELLED"})
+        if event.type == "ESC" and event.value == "PRESS" and runtime.Jobs.active is self._flow:
             runtime.cancel_active()
-            context.scene.im3d.job_message = "cancelling..."
+            context.scene.im3d.job_message = "cancelling…"
             return {"RUNNING_MODAL"}
-        if event.type != "TIMER":
-            return {"PASS_THROUGH"}
-        if self._turntable is not None and self._turntable.scene is not None:
-            # One view per tick: Blender redraws between renders and shows the progress.
-            state = context.scene.im3d
-            try:
-                self._turntable.render_view(self._next_view)
-                self._next_view += 1
-                state.job_state, state.job_stage = "rendering", f"turntable {self._next_view}/{len(self._turntable)}"
-                state.job_progress = 0.0
-                if self._next_view == len(self._turntable):
-                    self._turntable.write_transforms()
-                    self._cleanup_turntable()
-                    self._launch(context)
-            except (BackendError, TurntableError) as error:
-                self._cleanup_turntable()
-                self._discard_views()
-                self._fail(context, getattr(error, "message", str(error)))
-                return self._finish(context, {"CANCELLED"})
-            runtime.redraw()
-            return {"RUNNING_MODAL"}
-        if runtime.Jobs.active is None or runtime.Jobs.active is not self._job:
+        if event.type == "TIMER" and runtime.Jobs.active is not self._flow:
+            if self._flow.outcome == "failed":
+                self.report({"ERROR"}, self._flow.error)
             return self._finish(context, {"FINISHED"})
         return {"PASS_THROUGH"}
 
     def cancel(self, context):  # Blender ends the modal operator (file load, quit): stop the job too
-        runtime.cancel_active()
-        self._cleanup_turntable()
+        if runtime.Jobs.active is self._flow:
+            runtime.cancel_active()
         self._finish(context, {"CANCELLED"})
 
     def _finish(self, context, result: set) -> set:
@@ -156,15 +126,6 @@ class _JobOperator:
             context.window_manager.event_timer_remove(self._timer)
             self._timer = None
         return result
-
-    def _cleanup_turntable(self) -> None:
-        if self._turntable is not None:
-            self._turntable.cleanup()
-
-    def _discard_views(self) -> None:
-        views = getattr(self, "_views_dir", None)
-        if views:
-            shutil.rmtree(views, ignore_errors=True)
 
 
 class IM3D_OT_generate(_JobOperator, bpy.types.Operator):
@@ -174,54 +135,65 @@ class IM3D_OT_generate(_JobOperator, bpy.types.Operator):
     bl_label = "Generate"
     bl_options = {"REGISTER"}
     kind = "generate"
-    _views_dir = None
 
-    def prepare(self, context) -> runtime.ActiveJob:
+    @classmethod
+    def poll(cls, context):
+        return _busy_poll(cls)
+
+    def prepare(self, context) -> runtime.JobFlow:
         state = context.scene.im3d
         if not state.prompt.strip() and not state.image_path:
             raise BackendError("invalid_request", "type a prompt or choose an image first")
         provenance = {"kind": "generate", "prompt": state.prompt, "seed": state.seed, "preset": state.preset.lower()}
-        return runtime.ActiveJob(
-            run=None, kind="generate", name=object_name(state.prompt, "IM-3D image result"), provenance=provenance,
-            scene_name=context.scene.name, location=tuple(context.scene.cursor.location),
+        target = runtime.Target(
+            kind="generate", name=object_name(state.prompt, "IM-3D image result"), provenance=provenance,
+            location=tuple(context.scene.cursor.location),
         )
+        return self._make_flow(context, [target])
 
 
 class IM3D_OT_refine_selected(_JobOperator, bpy.types.Operator):
-    """Render the selected object from a turntable, rebuild it with IM-3D and put the refined copy beside it"""
+    """Render each selected object from a turntable, rebuild it with IM-3D and put the refined copy beside it"""
 
     bl_idname = "im3d.refine_selected"
     bl_label = "Refine Selected"
     bl_options = {"REGISTER"}
     kind = "refine"
-    _views_dir = None
 
     @classmethod
     def poll(cls, context):
-        return bool(_mesh_selection(context))
+        if not _busy_poll(cls):
+            return False
+        if not _mesh_selection(context):
+            cls.poll_message_set("Select one or more mesh objects to refine")
+            return False
+        return True
 
-    def prepare(self, context) -> runtime.ActiveJob:
+    def prepare(self, context) -> runtime.JobFlow:
         state = context.scene.im3d
         selection = _mesh_selection(context)
         if not selection:
             raise BackendError("invalid_request", "select the object to refine first")
-        source = context.active_object if context.active_object in selection else selection[0]
         if state.refine_use_diffusion and not state.prompt.strip():
             raise BackendError("invalid_request", "type a prompt describing the object, or switch 'Use Diffusion' off")
-        self._views_dir = str(runtime.turntable_folder())
-        self._turntable = TurntableRender(
-            [source], self._views_dir, orbit_views(state.turntable_views, state.turntable_elevation),
-            size=state.turntable_size, samples=state.turntable_samples, source_scene=context.scene,
-        )
-        provenance = {"kind": "refine", "prompt": state.prompt, "seed": state.seed, "preset": state.preset.lower(), "source": source.name}
-        return runtime.ActiveJob(
-            run=None, kind="refine", name=f"{source.name} refined", provenance=provenance, scene_name=context.scene.name,
-            location=tuple(source.matrix_world.translation), source_object=source.name, hide_original=not state.keep_original,
-        )
+        views = orbit_views(state.turntable_views, math.degrees(state.turntable_elevation))
+        targets = []
+        for source in selection:
+            views_dir = str(turntable_folder())
+            turntable = TurntableRender(
+                [source], views_dir, views, size=state.turntable_size, samples=state.turntable_samples, source_scene=context.scene,
+            )
+            provenance = {"kind": "refine", "prompt": state.prompt, "seed": state.seed, "preset": state.preset.lower(), "source": source.name}
+            targets.append(runtime.Target(
+                kind="refine", name=f"{source.name} refined", provenance=provenance, source_object=source.name,
+                source_matrix=tuple(tuple(row) for row in source.matrix_world), source_width=max(source.dimensions.x, 0.1),
+                hide_original=not state.keep_original, turntable=turntable, views_dir=views_dir,
+            ))
+        return self._make_flow(context, targets)
 
 
 class IM3D_OT_cancel(bpy.types.Operator):
-    """Cancel the running job (here and on the backend)"""
+    """Cancel the running job: stops the turntable render or the backend's work; nothing is added to the scene"""
 
     bl_idname = "im3d.cancel"
     bl_label = "Cancel"
@@ -230,7 +202,7 @@ class IM3D_OT_cancel(bpy.types.Operator):
         if not runtime.cancel_active():
             self.report({"WARNING"}, "no IM-3D job is running")
             return {"CANCELLED"}
-        context.scene.im3d.job_message = "cancelling..."
+        context.scene.im3d.job_message = "cancelling…"
         return {"FINISHED"}
 
 
@@ -247,7 +219,7 @@ class IM3D_OT_randomize_seed(bpy.types.Operator):
 
 
 class IM3D_OT_reimport(bpy.types.Operator):
-    """Import the selected history entry again (its files are re-verified first)"""
+    """Import the selected history entry again where it was made (its files are re-verified first)"""
 
     bl_idname = "im3d.reimport"
     bl_label = "Re-import"
@@ -265,14 +237,27 @@ class IM3D_OT_reimport(bpy.types.Operator):
         try:
             files = verify_downloaded(entry.folder)
             if "mesh.glb" not in files:
-                raise ImportFailed(f"{entry.folder} has no mesh.glb")
+                raise ImportFailed(f"{entry.folder} has no mesh.glb; re-run the job")
+            frame, matrix = _matrix(entry.frame), _matrix(entry.matrix)
+            existing = bpy.data.objects.get(entry.name)
             provenance = {"job_id": entry.job_id, "kind": entry.kind, "prompt": entry.prompt, "seed": entry.seed, "preset": entry.preset}
-            obj = import_result(files["mesh.glb"], scene=scene, name=entry.name.split(".")[0] or entry.name, provenance=provenance, location=scene.cursor.location.copy())
+            if entry.source_object:
+                provenance["source"] = entry.source_object
+            obj = import_result(files["mesh.glb"], scene=scene, name=entry.name, provenance=provenance, frame=frame, matrix_world=matrix)
+            if existing is not None and existing != obj:  # the first copy is still there: put this one beside it
+                place_beside(obj, matrix, entry.width, scene)
         except (BackendError, ImportFailed) as error:
             self.report({"ERROR"}, getattr(error, "message", str(error)))
             return {"CANCELLED"}
         self.report({"INFO"}, f"IM-3D: re-imported {obj.name}")
         return {"FINISHED"}
+
+
+def _matrix(values) -> Matrix:
+    values = list(values)
+    if len(values) != 16 or not any(values):
+        return Matrix.Identity(4)  # an entry from before transforms were stored
+    return Matrix([values[0:4], values[4:8], values[8:12], values[12:16]])
 
 
 classes = (IM3D_OT_generate, IM3D_OT_refine_selected, IM3D_OT_cancel, IM3D_OT_randomize_seed, IM3D_OT_reimport)

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import bpy
 
-from . import runtime
+from . import local_backend, runtime
+
+
+def _wrapped(layout, text: str, icon: str = "NONE", width: int = 42) -> None:
+    for index, line in enumerate(textwrap.wrap(text, width) or [""]):
+        row = layout.row()
+        row.alert = icon == "ERROR"
+        row.label(text=line, icon=icon if index == 0 else "BLANK1")
 
 
 class IM3D_UL_history(bpy.types.UIList):
@@ -22,17 +31,27 @@ class IM3D_PT_generate(bpy.types.Panel):
     def draw(self, context):
         layout = self.layout
         state = context.scene.im3d
-        running = runtime.Jobs.active is not None
+        busy = runtime.busy_reason()
 
-        col = layout.column(align=True)
-        col.enabled = not running
-        col.prop(state, "prompt", text="", icon="TEXT")
-        col.prop(state, "negative_prompt", text="", icon="REMOVE")
-        col.prop(state, "image_path", text="")
+        col = layout.column()
+        col.enabled = not busy
+        col.label(text="Prompt")
+        col.prop(state, "prompt", text="", icon="TEXT", placeholder="e.g. a wooden rocking chair")
+        col.prop(state, "negative_prompt", text="", icon="REMOVE", placeholder="Negative: what to avoid (optional)")
+        col.prop(state, "image_path", text="Image")
         row = col.row(align=True)
         row.prop(state, "seed")
         row.operator("im3d.randomize_seed", text="", icon="FILE_REFRESH")
         col.prop(state, "preset", expand=True)
+        values = local_backend.preset_values(state.preset)
+        if values:
+            summary = _preset_summary(values)
+            if summary:
+                col.label(text=summary, icon="INFO")
+        col.prop(state, "use_lpips")
+        if state.use_lpips and local_backend.Backend.lpips_missing:
+            warn = col.box()
+            _wrapped(warn, "The LPIPS backbone is not downloaded: get it in Preferences → IM-3D → Models, or untick Perceptual Loss.", "ERROR")
         col.prop(state, "use_custom_settings")
         if state.use_custom_settings:
             col.prop(state, "refinement_rounds")
@@ -41,37 +60,45 @@ class IM3D_PT_generate(bpy.types.Panel):
 
         row = layout.row(align=True)
         row.scale_y = 1.4
-        row.enabled = not running
         row.operator("im3d.generate", icon="SHADERFX")
 
         box = layout.box()
-        box.enabled = not running
         box.label(text="Refine Selected", icon="MOD_REMESH")
-        box.prop(state, "refine_use_diffusion")
-        sub = box.column()
+        settings = box.column()
+        settings.enabled = not busy
+        settings.prop(state, "refine_use_diffusion")
+        sub = settings.column()
         sub.enabled = state.refine_use_diffusion
         sub.prop(state, "refine_strength")
-        box.prop(state, "keep_original")
-        row = box.row(align=True)
-        row.prop(state, "turntable_views")
-        row.prop(state, "turntable_size")
+        settings.prop(state, "keep_original")
+        grid = settings.grid_flow(columns=2, align=True)
+        grid.prop(state, "turntable_views")
+        grid.prop(state, "turntable_size")
+        grid.prop(state, "turntable_elevation")
+        grid.prop(state, "turntable_samples")
+        count = len([o for o in context.selected_objects if o.type in ("MESH", "CURVE", "SURFACE", "META", "FONT")])
+        if count > 1:
+            box.label(text=f"Refines {count} selected objects, one after another", icon="INFO")
+        elif count == 0 and not busy:
+            box.label(text="Select one or more mesh objects", icon="INFO")
         box.operator("im3d.refine_selected", icon="FILE_REFRESH")
 
-        if running or state.job_state:
+        if busy:
+            layout.label(text=busy, icon="LOCKED")  # why the buttons are greyed out
+        if runtime.Jobs.active is not None or state.job_state:
             box = layout.box()
-            if running:
-                text = state.job_stage or state.job_state
+            if runtime.Jobs.active is not None:
+                text = state.job_stage or "Working"
                 if state.job_eta:
-                    text += f"  ETA {state.job_eta}"
+                    text += f"  ·  {state.job_eta}"
                 box.progress(factor=state.job_progress, type="BAR", text=text)
                 if state.job_message:
                     box.label(text=state.job_message)
                 box.operator("im3d.cancel", icon="CANCEL")
             elif state.job_error:
-                for index, line in enumerate(_wrap(state.job_error, 48)):
-                    box.label(text=line, icon="ERROR" if index == 0 else "BLANK1")
-            else:
-                box.label(text=f"{state.job_state}: {state.job_message}", icon="CHECKMARK" if state.job_state == "succeeded" else "INFO")
+                _wrapped(box, state.job_error, "ERROR")
+            elif state.job_message:
+                _wrapped(box, state.job_message, "CHECKMARK" if state.job_state == "succeeded" else "INFO")
             if state.preview_image is not None:
                 box.template_ID_preview(state, "preview_image", hide_buttons=True)
 
@@ -80,15 +107,21 @@ class IM3D_PT_generate(bpy.types.Panel):
         layout.operator("im3d.reimport", icon="IMPORT")
 
 
-def _wrap(text: str, width: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return lines + [line] if line else lines
+def _preset_summary(values: dict) -> str:
+    parts = []
+    rounds = values.get("pipeline", {}).get("refinement_rounds")
+    steps = values.get("recon", {}).get("steps")
+    faces = values.get("mesh", {}).get("face_budget")
+    texture = values.get("mesh", {}).get("texture_size")
+    if steps is not None:
+        parts.append(f"{steps} steps")
+    if rounds is not None:
+        parts.append(f"{rounds} rounds")
+    if faces is not None:
+        parts.append(f"{faces:,} faces" if isinstance(faces, int) else f"{faces} faces")
+    if texture is not None:
+        parts.append(f"{texture} px")
+    return ", ".join(parts)
 
 
 classes = (IM3D_UL_history, IM3D_PT_generate)

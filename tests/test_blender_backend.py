@@ -30,10 +30,14 @@ TINY = {
 }
 
 
+def modules():
+    return sys.modules[f"{PACKAGE}.runtime"], sys.modules[f"{PACKAGE}.local_backend"]
+
+
 def configure(tmp_path_factory):
     install_extension(tmp_path_factory.mktemp("dist"))
-    runtime = sys.modules[f"{PACKAGE}.runtime"]
-    runtime.stop_backend()
+    runtime, local = modules()
+    local.stop_backend()
     prefs = bpy.context.preferences.addons[PACKAGE].preferences
     prefs.backend_mode, prefs.python_path, prefs.port, prefs.device, prefs.auto_start = "LOCAL", sys.executable, free_port(), "cpu", True
     return runtime, prefs
@@ -43,13 +47,14 @@ def configure(tmp_path_factory):
 def slow_backend(tmp_path_factory):
     """The real server process with a runner that works until it is cancelled (the kill test runs last)."""
     runtime, prefs = configure(tmp_path_factory)
-    process = runtime.local_process(prefs)
+    local = modules()[1]
+    process = local.local_process(prefs)
     process.extra_args = ["--runner", "blender_slow_runner:run"]
     process.extra_env = {"PYTHONPATH": str(Path(__file__).resolve().parent)}
     process.start()
     process.wait_ready(60)
     yield runtime
-    runtime.stop_backend()
+    local.stop_backend()
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +65,7 @@ def backend(tmp_path_factory):
     except ImportError as error:
         pytest.skip(f"the backend's pipeline is not complete yet ({error})")
     install_extension(tmp_path_factory.mktemp("dist"))
-    runtime = sys.modules[f"{PACKAGE}.runtime"]
+    runtime, local = modules()
     prefs = bpy.context.preferences.addons[PACKAGE].preferences
     prefs.backend_mode, prefs.python_path, prefs.port, prefs.device, prefs.auto_start = "LOCAL", sys.executable, free_port(), "cpu", True
     models = tmp_path_factory.mktemp("models")
@@ -69,7 +74,7 @@ def backend(tmp_path_factory):
     prefs.text_to_image_model = str(build_text_to_image_model(models / "t2i"))
     prefs.orbit_model = str(build_orbit_model(models / "orbit"))
     yield runtime
-    runtime.stop_backend()
+    local.stop_backend()
 
 
 def refine_setup(scene, steps_scale: int = 1):
@@ -149,12 +154,18 @@ def test_generate_with_tiny_models_puts_a_mesh_at_the_cursor(backend):
     assert obj["im3d_prompt"] == "a small blue chair" and obj["im3d_seed"] == 7
 
 
+def runtime_cancel():
+    # The panel's Cancel button; poll() is not in the way while a job runs.
+    assert bpy.ops.im3d.cancel() == {"FINISHED"}
+
+
 def pump_until_done(runtime, timeout=120.0, on_running=None):
     deadline = time.monotonic() + timeout
     while runtime.Jobs.active is not None:
         runtime.pump()
-        if on_running is not None and runtime.Jobs.active is not None:
-            status = runtime.Jobs.active.run.status
+        run = runtime.Jobs.active.run if runtime.Jobs.active is not None else None
+        if on_running is not None and run is not None:
+            status = run.status
             if status and status.get("state") == "running":
                 on_running()
                 on_running = None
@@ -168,11 +179,11 @@ def test_cancel_stops_the_job_on_the_backend(slow_backend):
     refine_setup(scene)
     objects_before = set(bpy.data.objects)
     assert bpy.ops.im3d.refine_selected(asynchronous=True) == {"FINISHED"}
-    job_run = backend.Jobs.active.run
-    pump_until_done(backend, on_running=lambda: bpy.ops.im3d.cancel())
+    flow = backend.Jobs.active
+    pump_until_done(backend, on_running=lambda: runtime_cancel())
     assert scene.im3d.job_state == "cancelled"
     assert set(bpy.data.objects) == objects_before
-    status = backend.client_for(bpy.context.preferences.addons[PACKAGE].preferences).job(job_run.job_id)
+    status = modules()[1].client(bpy.context.preferences.addons[PACKAGE].preferences).job(flow.run.job_id)
     assert status["state"] == "cancelled"
 
 
@@ -182,7 +193,7 @@ def test_killed_backend_gives_a_clear_error_and_leaves_the_scene_unchanged(slow_
     refine_setup(scene)
     objects_before = set(bpy.data.objects)
     assert bpy.ops.im3d.refine_selected(asynchronous=True) == {"FINISHED"}
-    process = backend.Backend.process
+    process = modules()[1].Backend.process
     pump_until_done(backend, on_running=lambda: process.process.kill())
     assert scene.im3d.job_state == "failed"
     assert "stopped answering" in scene.im3d.job_error

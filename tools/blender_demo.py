@@ -5,7 +5,7 @@ enables it, starts the local backend through the add-on's own preferences, puts 
 (bench/render_datasets.py's mesh and procedural albedo) in the scene, runs **Refine Selected** with
 diffusion off, and saves `refine_demo.blend` and `before_after.png` (original | refined, same camera).
 
-    backend/.venv/bin/python bench/blender_demo.py --out out/demo [--preset fast]
+    backend/.venv/bin/python tools/blender_demo.py --out out/demo [--preset fast]
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def install_extension(out_dir: Path):
         result = bpy.ops.extensions.package_install_files(filepath=str(zip_path), repo="user_default", enable_on_install=True)
         if result != {"FINISHED"} or PACKAGE not in bpy.context.preferences.addons:
             raise RuntimeError(f"installing {zip_path} failed: {result}")
-    return sys.modules[f"{PACKAGE}.runtime"]
+    return sys.modules[f"{PACKAGE}.runtime"]  # loaded with the add-on; local_backend too
 
 
 def _suzanne():
@@ -97,7 +97,8 @@ def run_refine_demo(out_dir: str | Path, preset: str = "FAST", overrides: dict |
     bpy.ops.wm.read_homefile(use_factory_startup=True, use_empty=True)
     prefs = bpy.context.preferences.addons[PACKAGE].preferences
     prefs.python_path, prefs.port = sys.executable, _free_port()
-    process = runtime.local_process(prefs)
+    local = sys.modules[f"{PACKAGE}.local_backend"]
+    process = local.local_process(prefs)
     process.extra_args, process.extra_env = list(extra_args or []), dict(extra_env or {})
     try:
         original = _suzanne()
@@ -116,7 +117,7 @@ def run_refine_demo(out_dir: str | Path, preset: str = "FAST", overrides: dict |
         blend = out_dir / "refine_demo.blend"
         bpy.ops.wm.save_as_mainfile(filepath=str(blend), compress=True)
     finally:
-        runtime.stop_backend()
+        local.stop_backend()
     return {"blend": blend, "before_after": image, "refine_seconds": seconds, "job_id": refined["im3d_job_id"], "faces": len(refined.data.polygons)}
 
 
