@@ -6,7 +6,8 @@
 
 The zip holds the add-on package at its root with `blender_manifest.toml` beside `__init__.py`,
 and the backend source the add-on sets its environment up from (`backend/im3d`,
-`backend/pyproject.toml`, `backend/uv.lock`). Validation runs `blender --command extension
+`backend/pyproject.toml`, `backend/uv.lock` and every file the pyproject names, e.g. its README:
+the set-up builds the `im3d` wheel from these, and hatchling refuses to build without them). Validation runs `blender --command extension
 validate` when a Blender executable is given or on PATH; otherwise the same validator script
 shipped inside the `bpy` module (`addons_core/bl_pkg/cli/blender_ext.py validate`).
 Standard library only.
@@ -26,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 ADDON = ROOT / "im3d_blender"
 MANIFEST = ROOT / "blender_manifest.toml"
-BACKEND_FILES = ("pyproject.toml", "uv.lock")
+BACKEND_FILES = ("pyproject.toml", "uv.lock", "LICENSE")
 SKIP_PARTS = {"__pycache__", ".venv", ".pytest_cache", ".mypy_cache"}
 SKIP_SUFFIXES = {".pyc", ".pyo", ".so", ".pyd"}
 
@@ -42,6 +43,19 @@ def manifest_version(path: Path = MANIFEST) -> str:
     return match.group(1)
 
 
+def backend_files(backend: Path = ROOT / "backend") -> list[str]:
+    """The backend's top-level files the build needs: pyproject, lock, licence, and the readme the pyproject names."""
+    import tomllib
+
+    names = list(BACKEND_FILES)
+    project = tomllib.loads((backend / "pyproject.toml").read_text(encoding="utf-8")).get("project", {})
+    readme = project.get("readme")
+    readme = readme.get("file") if isinstance(readme, dict) else readme
+    if readme and readme not in names:
+        names.append(readme)
+    return [name for name in names if name != "LICENSE" or (backend / name).exists()]
+
+
 def _files(folder: Path):
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder)
@@ -51,7 +65,10 @@ def _files(folder: Path):
 
 def build_zip(out_dir: Path) -> Path:
     """Write the extension zip (deterministic order and timestamps) and return its path."""
-    for needed in (MANIFEST, ADDON / "__init__.py", ROOT / "backend" / "im3d", *(ROOT / "backend" / f for f in BACKEND_FILES)):
+    if not (ROOT / "backend" / "pyproject.toml").exists():
+        raise BuildError(f"{ROOT / 'backend' / 'pyproject.toml'} is missing; run build.py from a complete checkout")
+    extra = backend_files()
+    for needed in (MANIFEST, ADDON / "__init__.py", ROOT / "backend" / "im3d", *(ROOT / "backend" / f for f in extra)):
         if not needed.exists():
             raise BuildError(f"{needed} is missing; run build.py from a complete checkout")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -60,7 +77,7 @@ def build_zip(out_dir: Path) -> Path:
     entries: list[tuple[Path, str]] = [(MANIFEST, "blender_manifest.toml")]
     entries += [(path, name) for path, name in _files(ADDON) if not name.startswith("backend/")]
     entries += [(path, f"backend/im3d/{name}") for path, name in _files(ROOT / "backend" / "im3d")]
-    entries += [(ROOT / "backend" / name, f"backend/{name}") for name in BACKEND_FILES]
+    entries += [(ROOT / "backend" / name, f"backend/{name}") for name in extra]
     with zipfile.ZipFile(temporary, "w", zipfile.ZIP_DEFLATED) as archive:
         for path, name in entries:
             info = zipfile.ZipInfo(name, date_time=(2024, 1, 1, 0, 0, 0))

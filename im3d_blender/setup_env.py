@@ -149,7 +149,12 @@ def download_size(lock_path: str | os.PathLike, root: str = "im3d", python: tupl
                 total += int(package["sdist"].get("size") or 0)
         for dependency in package.get("dependencies", []):
             if marker_matches(dependency.get("marker"), env):
-                stack.append(find(dependency["name"], dependency.get("version")))
+                target = find(dependency["name"], dependency.get("version"))
+                stack.append(target)
+                for extra in dependency.get("extra", []) if target is not None else []:  # e.g. cuda-toolkit[cublas]
+                    for optional in target.get("optional-dependencies", {}).get(extra, []):
+                        if marker_matches(optional.get("marker"), env):
+                            stack.append(find(optional["name"], optional.get("version")))
     return total, len(seen) - 1
 
 
@@ -252,7 +257,7 @@ def setup_environment(
         downloaded = [0]
 
         def on_line(line: str) -> None:
-            if re.match(r"\s*(Downloaded|Prepared|Installed|Built)\b", line):
+            if re.match(r"\s*(Downloaded|Built)\b", line):
                 downloaded[0] += 1
                 if count:
                     progress(0.05 + 0.8 * min(1.0, downloaded[0] / count), line.strip())
