@@ -204,3 +204,125 @@ def build_text_to_image_model(folder: str | Path, seed: int = 0) -> Path:
         path.unlink()
     tokenizer_folder.rmdir()
     return folder
+
+
+# ----------------------------------------------------------------------------------------------
+# Stability-style single-file sgm checkpoints (what `convert_sv3d_checkpoint` reads)
+
+_SAFETENSORS_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def write_safetensors_streaming(path: str | Path, items: list[tuple[str, tuple[int, ...], torch.dtype]], tensor_of) -> Path:
+    """Write a .safetensors file one tensor at a time: `tensor_of(name)` is called in `items` order,
+    so a multi-GB checkpoint is written with about one tensor in memory."""
+    import math
+
+    path = Path(path)
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype in items:
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format aligns the data to 8 bytes
+    with path.open("wb") as handle:
+        handle.write(len(blob).to_bytes(8, "little"))
+        handle.write(blob)
+        for name, shape, dtype in items:
+            tensor = tensor_of(name).to(dtype).contiguous()
+            assert tuple(tensor.shape) == tuple(shape), (name, tensor.shape, shape)
+            handle.write(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return path
+
+
+def sgm_state_from_pipeline(pipe, plan) -> dict[str, torch.Tensor]:
+    """Invert a conversion plan: an `OrbitVideoPipeline`'s weights under the sgm checkpoint's names.
+
+    Tensors the converter ignores (the conditioner autoencoder's decoder, OpenCLIP's text-side
+    leftovers) get small random stand-ins of the right names, so the file is shaped like Stability's.
+    """
+    modules = {"unet": pipe.unet, "vae": pipe.vae, "image_encoder": pipe.image_encoder}
+    state: dict[str, torch.Tensor] = {}
+    for component in plan.components:
+        weights = modules[component.name].state_dict()
+        fused: dict[str, list] = {}
+        for entry in component.entries:
+            tensor = weights[entry.target].detach().cpu()
+            if entry.op == "linear_from_conv":
+                tensor = tensor[:, :, None, None]
+            elif entry.op == "transpose":
+                tensor = tensor.t().contiguous()
+            elif entry.op.startswith("chunk3:"):
+                fused.setdefault(entry.source, [None] * 3)[int(entry.op[7:])] = tensor
+                continue
+            state[entry.source] = tensor
+        for source, parts in fused.items():
+            state[source] = torch.cat(parts, dim=0)
+    generator = torch.Generator().manual_seed(0)
+    for name in plan.ignored:
+        shape = (4, 4) if name.endswith("weight") else (4,)
+        state[name] = torch.randn(shape, generator=generator)
+    return state
+
+
+def sv3d_scaled_pipeline(full_shapes: dict[str, tuple[int, ...]], seed: int = 0, time_id_dims=None):
+    """(pipeline, plan): SV3D's architecture (same levels, blocks and layers as the full-size
+    checkpoint whose names and shapes are `full_shapes`) at small widths, random weights."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from im3d.diffusion.convert_sv3d import OPENCLIP_MEAN, OPENCLIP_STD, plan_sv3d_conversion
+    from im3d.diffusion.orbit_video import OrbitUNetSpatioTemporalConditionModel, OrbitVideoPipeline
+
+    full = plan_sv3d_conversion(full_shapes, time_id_dims=time_id_dims)
+    configs = {c.name: dict(c.config) for c in full.components}
+    unet, vae, clip = configs["unet"], configs["vae"], configs["image_encoder"]
+    unet.update(block_out_channels=tuple(c // 10 for c in unet["block_out_channels"]), cross_attention_dim=32,
+                num_attention_heads=tuple(c // 160 for c in unet["block_out_channels"]), sample_size=8, num_frames=4)  # fmt: skip
+    vae.update(block_out_channels=tuple(c // 4 for c in vae["block_out_channels"]), sample_size=64)
+    clip.update(hidden_size=64, intermediate_size=256, num_attention_heads=4, projection_dim=32, image_size=56, patch_size=14)
+    torch.manual_seed(seed)
+    pipe = OrbitVideoPipeline(
+        vae=AutoencoderKL(**vae),
+        image_encoder=CLIPVisionModelWithProjection(CLIPVisionConfig(**clip)),
+        unet=OrbitUNetSpatioTemporalConditionModel(**unet),
+        scheduler=EulerDiscreteScheduler(**SVD_SCHEDULER),
+        feature_extractor=CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+                                             image_mean=OPENCLIP_MEAN, image_std=OPENCLIP_STD),
+    )  # fmt: skip
+    return pipe, full
+
+
+def write_sgm_checkpoint(path: str | Path, full_shapes: dict[str, tuple[int, ...]], size: str = "tiny", seed: int = 0,
+                         dtype: torch.dtype = torch.float32, time_id_dims=None):  # fmt: skip
+    """A Stability-style `sv3d_*.safetensors` with random weights.
+
+    `size="tiny"`: SV3D's architecture at small widths (returns (path, pipeline) so a test can
+    compare what the converter makes with the weights written); `size="full"`: exactly the names
+    and shapes in `full_shapes` (a manifest of the real checkpoint), N(0, 0.02) values streamed
+    one tensor at a time (returns (path, None)).
+    """
+    if size == "full":
+        generator = torch.Generator().manual_seed(seed)
+        items = [(name, tuple(shape), dtype) for name, shape in sorted(full_shapes.items())]
+        return write_safetensors_streaming(
+            path, items, lambda name: torch.empty(full_shapes[name]).normal_(0.0, 0.02, generator=generator)
+        ), None
+    from im3d.diffusion.convert_sv3d import plan_sv3d_conversion
+
+    pipe, _ = sv3d_scaled_pipeline(full_shapes, seed, time_id_dims)
+    # the plan of the scaled architecture: names are the full-size ones, shapes the small model's
+    scaled = plan_sv3d_conversion({n: tuple(s) for n, s in _scaled_shapes(pipe, full_shapes, time_id_dims).items()},
+                                  unet_head_dim=16, clip_head_dim=16, time_id_dims=time_id_dims)  # fmt: skip
+    state = sgm_state_from_pipeline(pipe, scaled)
+    items = [(name, tuple(t.shape), dtype) for name, t in sorted(state.items())]
+    return write_safetensors_streaming(path, items, state.__getitem__), pipe
+
+
+def _scaled_shapes(pipe, full_shapes, time_id_dims) -> dict[str, tuple[int, ...]]:
+    """sgm names -> the small pipeline's shapes, through the full-size plan's entries."""
+    from im3d.diffusion.convert_sv3d import plan_sv3d_conversion
+
+    full = plan_sv3d_conversion(full_shapes, time_id_dims=time_id_dims)
+    return {name: tuple(t.shape) for name, t in sgm_state_from_pipeline(pipe, full).items()}
