@@ -48,7 +48,8 @@ def load_lpips(net: str = "vgg", device: torch.device | str = "cpu", weights: st
         file_name, url = BACKBONE_FILES[net]
         raise MissingWeightsError(
             f"LPIPS-{net} needs the torchvision ImageNet backbone weights {file_name}, looked for at {path}. "
-            f"Download {url} and put it there (or set TORCH_HOME), or switch LPIPS off with recon.lpips_weight=0."
+            f"Get it with `im3d models pull lpips-{net}` (or Blender: Preferences > Models > Download Models; it "
+            f"fetches {url}, hash-checked), or switch LPIPS off with recon.lpips_weight=0."
         )
     with warnings.catch_warnings():  # torchvision's 'pretrained' deprecation, from inside lpips
         warnings.simplefilter("ignore")
