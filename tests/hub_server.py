@@ -11,7 +11,7 @@ It speaks what `huggingface_hub` uses to download (set `HF_ENDPOINT` to `server.
 - plain files under `/files/{name}` (with Range), for the LPIPS backbone download.
 
 `cut_once` names files whose first GET sends half the bytes and then drops the connection.
-Every request is logged in `requests` (method, path, Range, whether a token came) for asserts.
+`slow` paces file bodies so that a test can watch progress and cancel. Every request is logged in `requests` (method, path, Range, whether a token came) for asserts.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class HubState:
     token: str = "hf_accepted_token"  # the token of an account that accepted gated licences
     cut_once: set[str] = field(default_factory=set)  # file paths (repo file or plain name) to cut on first GET
     requests: list[dict] = field(default_factory=list)
+    slow: float = 0.0  # seconds to wait after each 16 KiB of a file body (cancel and progress tests)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -152,7 +153,18 @@ def _handler(state: HubState) -> type[BaseHTTPRequestHandler]:
                 except OSError:
                     pass
                 return
-            self.wfile.write(body)
+            if state.slow <= 0:
+                self.wfile.write(body)
+                return
+            import time
+
+            for start in range(0, len(body), 16384):
+                try:
+                    self.wfile.write(body[start : start + 16384])
+                    self.wfile.flush()
+                except OSError:  # the client went away (cancelled)
+                    return
+                time.sleep(state.slow)
 
     return Handler
 
