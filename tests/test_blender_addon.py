@@ -75,7 +75,7 @@ def test_installed_extension_registers_every_class(addon):
         assert hasattr(bpy.ops.im3d, operator)
     prefs = bpy.context.preferences.addons[PACKAGE].preferences
     assert (prefs.backend_mode, prefs.port) == ("LOCAL", 8765)
-    assert bpy.context.scene.im3d.preset == "STANDARD"
+    assert fresh_scene().im3d.preset == "STANDARD"
 
 
 def test_disable_enable_leaks_no_timers_or_handlers(addon):
