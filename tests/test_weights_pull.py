@@ -188,3 +188,41 @@ def test_lpips_backbone_download_is_hash_checked_and_atomic(hub_env):
             download_url(f"{hub.url}/files/{bad}", dest / bad)
     assert error.value.code == "hash_mismatch" and prefix in error.value.message
     assert not (dest / bad).exists() and not (dest / f"{bad}.partial").exists()
+
+
+@pytest.mark.slow  # ~60 s on 2 busy cores: writes a scaled SV3D checkpoint, then converts it
+def test_pull_of_the_official_sv3d_downloads_one_file_and_converts_it(hub_env, tmp_path):
+    """`stabilityai/sv3d` is gated and holds sgm checkpoints: pull fetches sv3d_p.safetensors only
+    (with the token) and converts it; the converted folder is what the loader then finds."""
+    import gzip
+    import json
+
+    from im3d.diffusion.models import resolve_model_folder
+    from im3d.diffusion.tiny import write_sgm_checkpoint
+
+    manifest = json.loads(gzip.open(Path(__file__).parent / "fixtures" / "sv3d_manifest.json.gz").read())
+    shapes = {name: tuple(shape) for name, shape in manifest["checkpoints"]["sv3d_p"].items()}
+    checkpoint, _ = write_sgm_checkpoint(tmp_path / "sv3d_p.safetensors", shapes)
+    files = {"sv3d_p.safetensors": checkpoint.read_bytes(), "sv3d_u.safetensors": b"not fetched", "README.md": b"#"}
+    state = HubState(repos={"stabilityai/sv3d": Repo(files, gated=True, license="other")})
+    config = _config(orbit="stabilityai/sv3d")
+    events = []
+    with HubServer(state) as hub:
+        import os
+
+        os.environ["HF_ENDPOINT"] = hub.url
+        try:
+            with pytest.raises(PullError) as error:
+                pull_models(config, ["orbit-video"])
+            assert error.value.code == "model_gated" and "huggingface.co/stabilityai/sv3d" in error.value.message
+            (st,) = pull_models(config, ["orbit-video"], token=state.token, progress=lambda f, m: events.append((f, m)),
+                                convert_options={"unet_head_dim": 16, "clip_head_dim": 16})
+        finally:
+            del os.environ["HF_ENDPOINT"]
+    assert {r["path"].rsplit("/", 1)[-1] for r in hub.gets(".safetensors")} == {"sv3d_p.safetensors"}
+    assert st.status == "present" and st.gated
+    folder = resolve_model_folder("stabilityai/sv3d", config.diffusion.models_dir)
+    assert folder == Path(st.path).resolve() and (folder / "unet" / "config.json").is_file()
+    fractions = [f for f, _ in events]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert any(m.startswith("converting") for _, m in events)

@@ -239,10 +239,16 @@ def pull(
     models_dir: str = "",
     progress: ProgressFn | None = None,
     cancel: Callable[[], bool] | None = None,
+    convert_options: dict[str, Any] | None = None,
 ) -> PullPlan:
-    """Download (and convert) every model in `statuses` that is not present; returns the plan it ran."""
+    """Download (and convert) every model in `statuses` that is not present; returns the plan it ran.
+
+    `convert_options` go to `convert_sv3d_checkpoint` (head sizes of a scaled-down test checkpoint)."""
     plan = plan_pull(statuses, token=token, models_dir=models_dir)
-    counter = _Bytes(plan.total_bytes, progress, cancel)
+    # a conversion streams the whole checkpoint once more: it gets the last part of the bar
+    share = 0.8 if plan.convert else 1.0
+    downloads = (lambda f, m: progress(share * f, m)) if progress is not None else None
+    counter = _Bytes(plan.total_bytes, downloads, cancel)
     if progress is not None:
         progress(0.0, f"fetching {len(plan.files)} files, {format_bytes(plan.total_bytes)}")
     for item in plan.files:
@@ -252,8 +258,10 @@ def pull(
             _fetch_hub_file(item, counter, token, models_dir)
         else:
             download_url(item.path, item.dest, counter=counter, cancel=cancel)
-    for model_id in plan.convert:
-        _convert(model_id, models_dir, progress, cancel)
+    for k, model_id in enumerate(plan.convert):
+        start, width = share + (1 - share) * k / len(plan.convert), (1 - share) / len(plan.convert)
+        step = (lambda f, m, a=start, w=width: progress(min(a + w * f, 1.0), m)) if progress is not None else None
+        _convert(model_id, models_dir, step, cancel, convert_options or {})
     return plan
 
 
@@ -271,7 +279,8 @@ def _fetch_hub_file(item: FileToFetch, counter: _Bytes, token: str | None, model
         raise _hub_error(error, item.repo_id, item.model) from None
 
 
-def _convert(model_id: str, models_dir: str, progress: ProgressFn | None, cancel: Callable[[], bool] | None) -> Path:
+def _convert(model_id: str, models_dir: str, progress: ProgressFn | None, cancel: Callable[[], bool] | None,
+             options: dict[str, Any]) -> Path:
     repo_id, file_name, _ = sgm_source(model_id)
     from huggingface_hub import try_to_load_from_cache
 
@@ -287,9 +296,9 @@ def _convert(model_id: str, models_dir: str, progress: ProgressFn | None, cancel
 
     def sub(fraction: float, message: str) -> None:
         if progress is not None:
-            progress(1.0, f"converting {file_name}: {message}")
+            progress(fraction, f"converting {file_name}: {message}")
 
-    return convert_sv3d_checkpoint(source, out, progress=sub, cancel=cancel, overwrite=True)
+    return convert_sv3d_checkpoint(source, out, progress=sub, cancel=cancel, overwrite=True, **options)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,10 +407,12 @@ def pull_models(
     token: str | None = None,
     progress: ProgressFn | None = None,
     cancel: Callable[[], bool] | None = None,
+    convert_options: dict[str, Any] | None = None,
 ) -> list[ModelStatus]:
     """Download and convert what the config needs (or the named models); returns their statuses after."""
     statuses = select_statuses(config, names)
-    pull(statuses, token=token, models_dir=config.diffusion.models_dir, progress=progress, cancel=cancel)
+    pull(statuses, token=token, models_dir=config.diffusion.models_dir, progress=progress, cancel=cancel,
+         convert_options=convert_options)
     after = select_statuses(config, [st.name for st in statuses])
     for st, before in zip(after, statuses):  # what the Hub said about licence and gating
         st.licence, st.gated = before.licence or st.licence, before.gated or st.gated
