@@ -6,7 +6,10 @@ diffusers layout (a `model_index.json` beside one sub-folder per component), loo
 1. as a path (absolute, or relative to the working directory),
 2. under `diffusion.models_dir` as `<models_dir>/<id>`, `<models_dir>/<org>--<name>` and
    `<models_dir>/<name>`,
-3. in the Hugging Face hub cache (`HF_HUB_CACHE`, what `hf download <id>` fills),
+3. in the Hugging Face hub cache (`HF_HUB_CACHE`, what `im3d models pull` / `hf download <id>` fill),
+
+except Stability's single-file SV3D ids (`stabilityai/sv3d`, `stabilityai/sv3d:sv3d_u`), which resolve
+to their conversion under `im3d.weights.models_root()` (what `im3d models pull` writes),
 
 and loaded from that folder with `local_files_only=True` and `use_safetensors=True`, so a
 missing model is a `ModelNotFoundError` within milliseconds that names every place it looked
@@ -65,13 +68,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def hf_cache_dir() -> Path:
-    from huggingface_hub import constants
+    from im3d.weights.registry import hf_cache_dir as cache_dir
 
-    return Path(constants.HF_HUB_CACHE)
+    return cache_dir()
 
 
 def resolve_model_folder(model_id: str, models_dir: str = "", what: str = "model") -> Path:
     """A local diffusers-layout folder for `model_id`, or a `ModelNotFoundError` saying where it looked."""
+    from im3d.weights.registry import converted_folder, sgm_source
+
     if not model_id or not model_id.strip():
         raise ModelNotFoundError(f"no {what} is configured (empty model id); {DOCS_HINT}")
     looked: list[str] = []
@@ -85,6 +90,17 @@ def resolve_model_folder(model_id: str, models_dir: str = "", what: str = "model
             looked.append(f"{folder} (no such folder)")
         return False
 
+    if sgm_source(model_id) is not None:  # Stability's single-file SV3D: its conversion is the model
+        folder = converted_folder(model_id, models_dir)
+        if usable(folder):
+            return folder.resolve()
+        repo, file_name, _ = sgm_source(model_id)
+        raise ModelNotFoundError(
+            f"{what} '{model_id}' (Stability's {repo}/{file_name}, converted to the diffusers layout) was not found at "
+            f"{folder}. Get it with `im3d models pull orbit-video` (downloads and converts; the repository is gated: "
+            f"accept the licence at https://huggingface.co/{repo} first), or convert a downloaded file with "
+            f"`im3d models convert {file_name} --out {folder}`; {DOCS_HINT}."
+        )
     direct = Path(model_id).expanduser()
     looks_like_path = direct.is_absolute() or direct.exists() or model_id.startswith((".", "~"))
     if looks_like_path and usable(direct):
@@ -105,18 +121,16 @@ def resolve_model_folder(model_id: str, models_dir: str = "", what: str = "model
 
 
 def _hf_cache_snapshot(repo_id: str, looked: list[str]) -> Path | None:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    from im3d.weights.registry import hf_repo_cache_folder, hf_snapshot
 
-    where = hf_cache_dir() / f"models--{repo_id.replace('/', '--')}"
-    try:
-        folder = Path(snapshot_download(repo_id, local_files_only=True))
-    except (LocalEntryNotFoundError, HFValidationError, OSError, ValueError):
-        looked.append(f"Hugging Face cache {where} (not downloaded)")
-        return None
-    if (folder / "model_index.json").is_file():
+    folder = hf_snapshot(repo_id)  # the snapshot at `main` that holds model_index.json
+    if folder is not None:
         return folder
-    looked.append(f"Hugging Face cache {folder} (downloaded, but without model_index.json: not the diffusers layout)")
+    where = hf_repo_cache_folder(repo_id)
+    if where.is_dir():
+        looked.append(f"Hugging Face cache {where} (downloaded only in part, or without model_index.json: not the diffusers layout)")
+    else:
+        looked.append(f"Hugging Face cache {where} (not downloaded)")
     return None
 
 
@@ -126,10 +140,22 @@ def _not_found_message(model_id: str, models_dir: str, what: str, looked: list[s
     return (
         f"{what} '{model_id}' was not found locally (models are never downloaded during a job).\n"
         f"Looked in:\n{places}\n"
-        f"To get it (on a machine with internet access): `hf download {model_id}` (fills the Hugging Face "
+        f"To get it: `im3d models pull` (fetches only the files the project loads; or the Download Models "
+        f"button in Blender's add-on preferences), or `hf download {model_id}` (fills the Hugging Face "
         f"cache) or `hf download {model_id} --local-dir {target}` and set diffusion.models_dir; "
         f"or point the config at a local folder in the diffusers layout (model_index.json); {DOCS_HINT}."
     )
+
+
+def weights_variant(folder: Path) -> str | None:
+    """"fp16" when a component holds only fp16-variant weights (what `im3d models pull` fetches)."""
+    for component in folder.iterdir() if folder.is_dir() else []:
+        if not component.is_dir():
+            continue
+        names = [p.name for p in component.glob("*.safetensors")]
+        if names and all(".fp16." in n or ".fp16-" in n for n in names):
+            return "fp16"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,8 +208,9 @@ def load_pipeline(
             def loader(path: Path, torch_dtype: torch.dtype) -> Any:
                 with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype; older ones need it
                     warnings.simplefilter("ignore", FutureWarning)
+                    variant = {"variant": "fp16"} if weights_variant(path) else {}  # fp16 files, cast to torch_dtype
                     return cls.from_pretrained(
-                        str(path), torch_dtype=torch_dtype, local_files_only=True, use_safetensors=True
+                        str(path), torch_dtype=torch_dtype, local_files_only=True, use_safetensors=True, **variant
                     )
 
         try:
