@@ -29,6 +29,7 @@ class Backend:
     presets: dict | None = None  # GET /v1/presets of the last backend that answered, None: not known
     models: list | None = None  # GET /v1/models, None: the backend has no such route or never answered
     lpips_missing: bool = False  # learnt from /v1/models or a model_not_found error naming LPIPS
+    missing: list = []  # names of missing models from /v1/models (text-to-image, orbit-video, lpips-vgg, ...)
     # set-up of the environment
     setup_log: deque = deque(maxlen=300)
     setup_thread: threading.Thread | None = None
@@ -82,7 +83,8 @@ def client(prefs) -> BackendClient:
 class Preparation:
     """Get the backend ready (off the main thread when started with `start()`) and learn what it offers."""
 
-    def __init__(self, prefs):
+    def __init__(self, prefs, preset: str = "standard"):
+        self.preset = preset
         self.remote = prefs.backend_mode == "REMOTE"
         self.auto_start = prefs.auto_start
         self.client = client(prefs)
@@ -119,7 +121,7 @@ class Preparation:
                         raise BackendError("backend_not_running", "the backend is not running: press Start in the add-on's preferences, or switch Start Automatically on") from None
                     raise
             self.stage = "checking"
-            learn_from(self.client)
+            learn_from(self.client, self.preset)
         except BackendError as error:
             self.error = error
         except Exception as error:  # a bug must end the job in the panel, not hang it
@@ -135,11 +137,16 @@ def busy_in_background() -> bool:
     return setup_running() or (Backend.starting is not None and not Backend.starting.done)
 
 
-def learn_from(backend: BackendClient) -> None:
+def learn_from(backend: BackendClient, preset: str = "standard") -> None:
     """What the backend offers: presets (so the panel need not repeat its defaults) and model presence."""
     Backend.presets = _optional_get(backend, "/v1/presets")
-    models = _optional_get(backend, "/v1/models")
-    if models is not None:
+    models = _optional_get(backend, f"/v1/models?preset={preset}")
+    if models is None:
+        return  # an older backend: a job's model_not_found error teaches us instead (note_model_error)
+    if isinstance(models, dict) and isinstance(models.get("missing"), list):
+        Backend.missing = [str(name) for name in models["missing"]]
+        Backend.lpips_missing = any("lpips" in name.lower() for name in Backend.missing)
+    else:
         Backend.models = models.get("models") if isinstance(models, dict) else models
         Backend.lpips_missing = lpips_missing_in(Backend.models)
 

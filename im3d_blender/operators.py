@@ -66,8 +66,9 @@ class _JobOperator:
         spec = make_spec(state, self.kind)
         key = f"{self.kind}-{spec.preset}-{'diffusion' if self.kind == 'generate' or state.refine_use_diffusion else 'nodiffusion'}"
         flow = runtime.JobFlow(scene_name=context.scene.name, spec=spec, targets=targets, speed_key=key)
-        flow.preparation = local_backend.Preparation(prefs)
+        flow.preparation = local_backend.Preparation(prefs, spec.preset)
         flow.check_lpips = lpips_wanted(state)
+        flow.uses_diffusion = self.kind == "generate" or state.refine_use_diffusion
         return flow
 
     def execute(self, context):

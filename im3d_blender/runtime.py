@@ -74,6 +74,7 @@ class JobFlow:
     fraction: float = 0.0
     cancel_requested: bool = False
     check_lpips: bool = False
+    uses_diffusion: bool = True
 
     # -- shared by both paths
     @property
@@ -87,8 +88,18 @@ class JobFlow:
         return self.scene().im3d
 
     def _check_models(self) -> None:
+        """Before any turntable renders: a model this job needs that the backend says is missing."""
         if self.check_lpips and local_backend.Backend.lpips_missing:
             raise BackendError("model_not_found", LPIPS_MISSING)
+        needed = []
+        for name in local_backend.Backend.missing:
+            if (name == "orbit-video" and self.uses_diffusion) or (name == "text-to-image" and self.spec.kind == "generate" and not self.spec.image_path):
+                needed.append(name)
+        if needed:
+            fallback = " — or switch 'Use Diffusion' off to rebuild from the renders only" if self.spec.kind == "refine" else ""
+            raise BackendError(
+                "model_not_found", f"the backend has no {' and no '.join(needed)} model yet: download it in Edit → Preferences → Add-ons → IM-3D → Models{fallback}",
+            )
 
     def _job_run(self, prefs_client) -> JobRun:
         spec = dataclasses.replace(self.spec, views_dir=self.target.views_dir)

@@ -61,6 +61,9 @@ class Double(http.server.ThreadingHTTPServer):
         self.uploads: dict[str, str] = {}  # upload id → object name
         self.jobs: dict[str, bytes] = {}
         self.created = 0
+        self.models: dict | None = None  # GET /v1/models answer; None: an older backend without the route (404)
+        self.fail: dict | None = None  # {"code", "message"}: every job fails with it
+        self.requests: list[dict] = []
         self.thread = threading.Thread(target=self.serve_forever, daemon=True)
         self.thread.start()
 
@@ -90,8 +93,15 @@ class DoubleHandler(http.server.BaseHTTPRequestHandler):
         parts = self.path.strip("/").split("/")
         if self.path == "/v1/health":
             return self._json(200, {"version": "double", "protocol": 1, "device": "cpu", "models_loaded": [], "queue_length": 0, "running_job": None})
+        if self.path.startswith("/v1/models?") and server.models is not None:
+            return self._json(200, server.models)
         if len(parts) == 3 and parts[1] == "jobs" and parts[2] in server.jobs:
             glb = server.jobs[parts[2]]
+            if server.fail is not None:
+                return self._json(200, {
+                    "id": parts[2], "kind": "refine", "state": "failed", "stage": "fit", "progress": 0.1, "message": "", "eta_s": None,
+                    "error": server.fail, "previews": [], "artifacts": [],
+                })
             return self._json(200, {
                 "id": parts[2], "kind": "refine", "state": "succeeded", "stage": "export", "progress": 1.0, "message": "", "eta_s": None,
                 "error": None, "previews": [], "artifacts": [{"name": "mesh.glb", "size": len(glb), "sha256": hashlib.sha256(glb).hexdigest()}],
@@ -115,6 +125,7 @@ class DoubleHandler(http.server.BaseHTTPRequestHandler):
             return self._json(201, {"upload_id": upload})
         if self.path == "/v1/jobs":
             request = json.loads(body)
+            server.requests.append(request)
             server.created += 1
             job = f"job{server.created}"
             server.jobs[job] = server.glbs[server.uploads[request["views"]]]
@@ -327,6 +338,56 @@ def test_cancel_during_the_turntable_leaves_nothing_behind_and_buttons_say_why_t
     assert after == before  # no temporary scene, camera, world, object or image left
     assert not views.exists() and double.created == 0 and not double.uploads
     assert bpy.ops.im3d.generate.poll()  # the buttons are back
+
+
+# ----------------------------------------------------------------------------------------------
+# No weights at all: LPIPS
+
+
+def selected_statue(scene):
+    for obj in list(scene.objects):
+        bpy.data.objects.remove(obj)
+    cube = far_rotated_cube("Statue", (3.0, 4.0, 1.0), (0.0, 0.2, 0.0))
+    cube.select_set(True)
+    bpy.context.view_layer.objects.active = cube
+    quick_turntable(scene.im3d)
+    return cube
+
+
+def test_a_missing_lpips_backbone_is_said_before_the_turntable_and_the_fallback_works(addon, double, tmp_path):
+    runtime, local = addon
+    scene = fresh_scene()
+    cube = selected_statue(scene)
+    double.glbs[cube.name] = world_glb(cube, tmp_path)
+    double.models = {"preset": "fast", "models": [{"name": "lpips-vgg", "status": "missing"}], "missing": ["lpips-vgg"], "pull_command": "im3d models pull lpips-vgg"}
+    scenes_before = set(bpy.data.scenes)
+    with pytest.raises(RuntimeError, match="LPIPS backbone.*Preferences → Add-ons → IM-3D → Models.*untick 'Perceptual Loss \\(LPIPS\\)'"):
+        bpy.ops.im3d.refine_selected()
+    assert not double.uploads and set(bpy.data.scenes) == scenes_before  # said before any turntable render
+    # The visible fallback: untick Perceptual Loss; the job then asks for a fit without LPIPS.
+    scene.im3d.use_lpips = False
+    assert bpy.ops.im3d.refine_selected() == {"FINISHED"}, scene.im3d.job_error
+    assert double.requests[-1]["overrides"]["recon"]["lpips_weight"] == 0.0
+    assert "Statue refined" in bpy.data.objects
+    local.Backend.lpips_missing, local.Backend.missing = False, []
+
+
+def test_an_older_backend_teaches_the_missing_lpips_once_and_the_next_click_says_it_first(addon, double, tmp_path):
+    """Without GET /v1/models the first job fails with the backend's model_not_found; the add-on words it for
+    the panel (not a config key) and says it before the turntable the next time."""
+    runtime, local = addon
+    local.Backend.lpips_missing, local.Backend.missing = False, []
+    scene = fresh_scene()
+    cube = selected_statue(scene)
+    double.glbs[cube.name] = world_glb(cube, tmp_path)
+    double.fail = {"code": "model_not_found", "message": "LPIPS backbone weights vgg16-397923af.pth not found; set recon.lpips_weight=0"}
+    with pytest.raises(RuntimeError, match="untick 'Perceptual Loss"):
+        bpy.ops.im3d.refine_selected()
+    assert "recon.lpips_weight" not in scene.im3d.job_error and len(double.uploads) == 1
+    with pytest.raises(RuntimeError, match="untick 'Perceptual Loss"):
+        bpy.ops.im3d.refine_selected()
+    assert len(double.uploads) == 1  # the second click stopped before rendering and uploading
+    local.Backend.lpips_missing = False
 
 
 # ----------------------------------------------------------------------------------------------
