@@ -5,9 +5,9 @@ Standard library only, no bpy (tests feed it recorded timelines).
 The ETA is measured, never taken from fixed stage weights: the backend's overall progress is not
 linear in time (a compile on the first fit steps, meshing that is slow on CPU, a skipped stage that
 makes progress jump). So the estimator keeps, per job kind, the timeline of the last finished job
-(how many seconds each stage took, and over which stretch of overall progress) and predicts the
-rest of a new job from it, scaled by how fast this job has been so far compared with that one.
-Without a previous job it uses the recent progress rate (a sliding window that forgets the start).
+(when it reached which progress, in which stage) and predicts the rest of a new job from it, scaled
+by how fast this job has been so far compared with that one at the same progress. Without a
+previous job it uses the recent progress rate (a sliding window that forgets the start).
 """
 
 from __future__ import annotations
@@ -57,12 +57,13 @@ class EtaEstimator:
     """Remaining seconds of one backend job from (time, stage, overall progress) samples."""
 
     WINDOW_MIN_S = 3.0
-    WINDOW_SHARE = 0.4  # the rate is measured over the last 40 % of the elapsed time
+    WINDOW_SHARE = 0.25  # without a previous job: the rate over the last quarter of the elapsed time
 
     def __init__(self, previous: list[dict] | None = None):
-        self.previous = [dict(s) for s in previous or [] if s.get("p1", 0) > s.get("p0", 0)]
+        points = [p for p in previous or [] if isinstance(p, dict) and "t" in p and "p" in p]
+        self.previous = points if len(points) >= 2 and points[-1]["p"] > points[0]["p"] else []
         self.samples: list[tuple[float, float]] = []
-        self.stages: list[dict] = []  # {"stage", "p0", "p1", "t0", "t1"}
+        self.history: list[tuple[float, str, float]] = []  # (time, stage, progress) as reported
         self.start: float | None = None
 
     def update(self, now: float, stage: str, progress: float) -> None:
@@ -72,12 +73,7 @@ class EtaEstimator:
         if self.samples and progress < self.samples[-1][1]:
             progress = self.samples[-1][1]
         self.samples.append((now, progress))
-        if not self.stages or self.stages[-1]["stage"] != stage:
-            if self.stages:
-                self.stages[-1]["p1"], self.stages[-1]["t1"] = progress, now
-            self.stages.append({"stage": stage, "p0": progress, "p1": progress, "t0": now, "t1": now})
-        else:
-            self.stages[-1]["p1"], self.stages[-1]["t1"] = progress, now
+        self.history.append((now, stage, progress))
 
     def remaining(self, now: float) -> float | None:
         if self.start is None or not self.samples:
@@ -96,29 +92,35 @@ class EtaEstimator:
         return (1.0 - progress) / rate if rate > 0 else None
 
     def _previous_total(self) -> float:
-        return sum(s["t1"] - s["t0"] for s in self.previous)
+        return self.previous[-1]["t"] - self.previous[0]["t"]
 
     def _previous_time_at(self, progress: float) -> float:
-        """Seconds the previous job needed to reach `progress`."""
-        total = 0.0
-        for s in self.previous:
-            span, seconds = s["p1"] - s["p0"], s["t1"] - s["t0"]
-            if progress >= s["p1"]:
-                total += seconds
-            elif progress > s["p0"]:
-                total += seconds * (progress - s["p0"]) / span
-        return total
+        """Seconds the previous job needed to reach `progress` (its recorded points, interpolated)."""
+        points, start = self.previous, self.previous[0]["t"]
+        for before, after in zip(points, points[1:]):
+            if after["p"] >= progress:
+                span = after["p"] - before["p"]
+                x = (progress - before["p"]) / span if span > 0 else 1.0
+                return before["t"] - start + max(0.0, min(1.0, x)) * (after["t"] - before["t"])
+        return self._previous_total()
 
     def _from_previous(self, progress: float, elapsed: float) -> float:
         before = self._previous_time_at(progress)
-        # This job's speed relative to the previous one, once there is enough of it to compare.
-        scale = elapsed / before if before > 1.0 and elapsed > 1.0 else 1.0
+        # This job's speed relative to the previous one at the same progress, once there is enough to compare.
+        scale = elapsed / before if before > 2.0 and elapsed > 2.0 else 1.0
         scale = max(0.25, min(4.0, scale))
         return max(0.0, (self._previous_total() - before) * scale)
 
-    def timeline(self) -> list[dict]:
-        """The stages as measured, to predict the next job of the same kind."""
-        return [{k: s[k] for k in ("stage", "p0", "p1", "t0", "t1")} for s in self.stages]
+    def timeline(self, step: float = 0.005) -> list[dict]:
+        """The job as measured (a point per `step` of progress and per stage change), for the next job of this kind."""
+        points: list[dict] = []
+        for t, stage, progress in self.history:
+            if not points or stage != points[-1]["stage"] or progress - points[-1]["p"] >= step:
+                points.append({"t": t, "stage": stage, "p": progress})
+        if self.history and points[-1]["t"] != self.history[-1][0]:
+            t, stage, progress = self.history[-1]
+            points.append({"t": t, "stage": stage, "p": progress})
+        return points
 
 
 class SpeedMemory:
@@ -139,8 +141,8 @@ class SpeedMemory:
 
     def remember_timeline(self, key: str, timeline: list[dict]) -> None:
         if timeline:
-            start = timeline[0]["t0"]
-            shifted = [dict(s, t0=s["t0"] - start, t1=s["t1"] - start) for s in timeline]
+            start = timeline[0]["t"]
+            shifted = [dict(point, t=point["t"] - start) for point in timeline]
             self.data.setdefault("timelines", {})[key] = shifted
             self._save()
 

@@ -294,7 +294,7 @@ class JobFlow:
             backend = self.eta.remaining(now)
         elif self.phase in ("turntable", "preparing") or self.eta is None:
             timeline = memory.timeline(self.speed_key)
-            backend = sum(s["t1"] - s["t0"] for s in timeline) if timeline else None
+            backend = EtaEstimator(timeline).remaining(now) if timeline else None
         if backend is None:
             return None
         turntable = 0.0
