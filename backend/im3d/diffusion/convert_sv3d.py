@@ -547,14 +547,25 @@ def _write_component(folder: Path, plan: ComponentPlan, reader: Any, header: dic
     stem, suffix = plan.weights_name.rsplit(".", 1)
     names = [plan.weights_name] if len(shards) == 1 else [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{suffix}" for i in range(len(shards))]
     weight_map = {}
+    uses: dict[str, int] = {}
+    for entry in plan.entries:
+        uses[entry.source] = uses.get(entry.source, 0) + 1
+    held: dict[str, torch.Tensor] = {}  # fused q/k/v sources, read once, dropped after their last use
     for shard, name in zip(shards, names, strict=True):
         tensors: dict[str, torch.Tensor] = {}
         for entry in shard:
             check_cancel(cancel)
-            tensor = entry.apply(reader.get_tensor(entry.source)).to(out_dtype[entry.target]).contiguous()
-            tensors[entry.target] = tensor
+            source = held.get(entry.source)
+            if source is None:
+                source = reader.get_tensor(entry.source)
+            uses[entry.source] -= 1
+            if uses[entry.source]:
+                held[entry.source] = source
+            else:
+                held.pop(entry.source, None)
+            tensors[entry.target] = entry.apply(source).to(out_dtype[entry.target]).contiguous()
             weight_map[entry.target] = name
-            tick(header[entry.source]["data_offsets"][1] - header[entry.source]["data_offsets"][0])
+            tick(nbytes[entry.target])
         save_file(tensors, str(folder / name), metadata={"format": "pt"})
         del tensors
     if len(shards) > 1:
@@ -630,13 +641,15 @@ def convert_sv3d_checkpoint(
         raise ConvertError("output_exists", f"{out_dir} already exists; choose another folder or pass overwrite")
     report(0.0, f"converting {src.name} ({plan.variant}) -> {out_dir}")
 
-    total = sum(info["data_offsets"][1] - info["data_offsets"][0] for name, info in header.items() if name not in set(plan.ignored))
+    itemsize = {name: SAFETENSORS_DTYPES[info["dtype"]].itemsize for name, info in header.items()}
+    total = sum(math.prod(e.shape(shapes[e.source])) * (dtype.itemsize if dtype is not None else itemsize[e.source])
+                for c in plan.components for e in c.entries)  # fmt: skip  (bytes written, the unit of `tick`)
     done = 0
 
     def tick(n: int) -> None:
         nonlocal done
         done += n
-        report(0.02 + 0.96 * done / max(total, 1), f"converting {src.name}: {done / 2**30:.2f} / {total / 2**30:.2f} GiB")
+        report(0.02 + 0.96 * min(done / max(total, 1), 1.0), f"converting {src.name}: {done / 2**30:.2f} / {total / 2**30:.2f} GiB")
 
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     try:

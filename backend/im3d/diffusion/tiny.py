@@ -278,9 +278,11 @@ def sv3d_scaled_pipeline(full_shapes: dict[str, tuple[int, ...]], seed: int = 0,
     full = plan_sv3d_conversion(full_shapes, time_id_dims=time_id_dims)
     configs = {c.name: dict(c.config) for c in full.components}
     unet, vae, clip = configs["unet"], configs["vae"], configs["image_encoder"]
-    unet.update(block_out_channels=tuple(c // 10 for c in unet["block_out_channels"]), cross_attention_dim=32,
-                num_attention_heads=tuple(c // 160 for c in unet["block_out_channels"]), sample_size=8, num_frames=4)  # fmt: skip
-    vae.update(block_out_channels=tuple(c // 4 for c in vae["block_out_channels"]), sample_size=64)
+    # 32-channel steps (GroupNorm's 32 groups) that keep where the full model changes width
+    unet_widths = tuple(32 * (1 + i) for i in _width_ranks(unet["block_out_channels"]))
+    unet.update(block_out_channels=unet_widths, cross_attention_dim=32, num_attention_heads=tuple(c // 16 for c in unet_widths),
+                sample_size=8, num_frames=4)  # fmt: skip
+    vae.update(block_out_channels=tuple(32 * (1 + i) for i in _width_ranks(vae["block_out_channels"])), sample_size=64)
     clip.update(hidden_size=64, intermediate_size=256, num_attention_heads=4, projection_dim=32, image_size=56, patch_size=14)
     torch.manual_seed(seed)
     pipe = OrbitVideoPipeline(
@@ -292,6 +294,12 @@ def sv3d_scaled_pipeline(full_shapes: dict[str, tuple[int, ...]], seed: int = 0,
                                              image_mean=OPENCLIP_MEAN, image_std=OPENCLIP_STD),
     )  # fmt: skip
     return pipe, full
+
+
+def _width_ranks(widths) -> list[int]:
+    """(320, 640, 1280, 1280) -> [0, 1, 2, 2]: the rank of each level's width among the distinct ones."""
+    distinct = sorted(set(widths))
+    return [distinct.index(w) for w in widths]
 
 
 def write_sgm_checkpoint(path: str | Path, full_shapes: dict[str, tuple[int, ...]], size: str = "tiny", seed: int = 0,
