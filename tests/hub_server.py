@@ -196,15 +196,22 @@ class HubServer:
 
 def tiny_diffusers_repo(weight_bytes: int = 200_000) -> dict[str, bytes]:
     """A diffusers-layout repository with the clutter a real one has (single-file checkpoints, pickles)."""
-    blob = bytes(range(256)) * (weight_bytes // 256)
+    import numpy as np
+    from safetensors.numpy import save
+
+    # real safetensors files (one uint8 tensor each), so `im3d models verify` can read their headers
+    def blob_of(n: int) -> bytes:
+        return save({"weight": np.frombuffer(bytes(range(256)) * max(n // 256, 1), dtype=np.uint8)})
+
+    blob = blob_of(weight_bytes)
     return {
         "model_index.json": json.dumps({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
                                          "scheduler": ["diffusers", "EulerDiscreteScheduler"], "tokenizer": ["transformers", "CLIPTokenizer"],
                                          "safety_checker": [None, None]}).encode(),
         "README.md": b"# tiny",
-        "single_file_checkpoint.safetensors": blob * 3,  # never loaded by the project
+        "single_file_checkpoint.safetensors": blob_of(3 * weight_bytes),  # never loaded by the project
         "unet/config.json": b'{"sample_size": 8}',
-        "unet/diffusion_pytorch_model.safetensors": blob * 2,  # fp32: skipped, the fp16 variant exists
+        "unet/diffusion_pytorch_model.safetensors": blob_of(2 * weight_bytes),  # fp32: skipped, the fp16 variant exists
         "unet/diffusion_pytorch_model.fp16.safetensors": blob,
         "unet/diffusion_pytorch_model.bin": blob,  # pickle: never fetched
         "scheduler/scheduler_config.json": b'{"num_train_timesteps": 1000}',

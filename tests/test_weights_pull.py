@@ -67,6 +67,29 @@ def test_select_diffusers_files_takes_only_what_the_loader_reads():
     assert error.value.code == "not_diffusers_layout"
 
 
+# stabilityai/sdxl-turbo's published file list (21 GB of single-file checkpoints at the top level)
+SDXL_TURBO_FILES = [
+    ".gitattributes", "LICENSE.md", "README.md", "image_quality_one_step.png", "output_tile.jpg", "model_index.json",
+    "prompt_alignment_one_step.png", "sd_xl_turbo_1.0.safetensors", "sd_xl_turbo_1.0_fp16.safetensors",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json", "text_encoder/model.fp16.safetensors", "text_encoder/model.safetensors",
+    "text_encoder_2/config.json", "text_encoder_2/model.fp16.safetensors", "text_encoder_2/model.safetensors",
+    "tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json", "tokenizer/vocab.json",
+    "tokenizer_2/merges.txt", "tokenizer_2/special_tokens_map.json", "tokenizer_2/tokenizer_config.json", "tokenizer_2/vocab.json",
+    "unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json", "vae/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.safetensors",
+]
+
+
+def test_sdxl_turbo_pull_takes_the_fp16_diffusers_subfolders_only():
+    chosen = select_diffusers_files(SDXL_TURBO_FILES)
+    weights = sorted(n for n in chosen if n.endswith(".safetensors"))
+    assert weights == ["text_encoder/model.fp16.safetensors", "text_encoder_2/model.fp16.safetensors",
+                       "unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors"]
+    assert "scheduler/scheduler_config.json" in chosen and "tokenizer_2/vocab.json" in chosen
+    assert not any(n.startswith("sd_xl_turbo") or "/" not in n and n != "model_index.json" for n in chosen)
+
+
 def test_pull_fetches_only_allowed_files_with_progress_and_resumes_after_a_cut(hub_env):
     repo = tiny_diffusers_repo()
     state = HubState(repos={"test/tiny": Repo(repo)})
@@ -100,6 +123,14 @@ def test_pull_fetches_only_allowed_files_with_progress_and_resumes_after_a_cut(h
     assert _snapshot_files(folder) == ALLOWED_TINY_FILES
     weights = (folder / "unet/diffusion_pytorch_model.fp16.safetensors").read_bytes()
     assert hashlib.sha256(weights).digest() == hashlib.sha256(repo["unet/diffusion_pytorch_model.fp16.safetensors"]).digest()
+    # `im3d models verify` reads every header; a truncated weights file is named
+    from im3d.cli import main
+
+    args = ["models", "verify", "text-to-image", "--set", "diffusion.text_to_image_model=test/tiny", "--set", "recon.lpips_weight=0"]
+    assert main(args) == 0
+    weights_file = (folder / "unet/diffusion_pytorch_model.fp16.safetensors").resolve()
+    weights_file.write_bytes(weights[:100])
+    assert main(args) == 1
 
 
 def test_cancelled_pull_leaves_nothing_present_and_the_next_pull_resumes(hub_env):
