@@ -77,10 +77,10 @@ def backend(tmp_path_factory):
     local.stop_backend()
 
 
-def refine_setup(scene, steps_scale: int = 1):
-    bpy.ops.mesh.primitive_cube_add(size=0.8, location=(1.0, 2.0, 0.5))
+def refine_setup(scene, steps_scale: int = 1, location=(1.0, 2.0, 0.5), rotation=(0.0, 0.0, 0.5)):
+    bpy.ops.mesh.primitive_cube_add(size=0.8, location=location)
     cube = bpy.context.active_object
-    cube.rotation_euler = (0.0, 0.0, 0.5)
+    cube.rotation_euler = rotation
     material = bpy.data.materials.new("orange")
     material.diffuse_color = (1.0, 0.4, 0.1, 1.0)
     principled = material.node_tree.nodes.get("Principled BSDF")
@@ -110,7 +110,7 @@ def assert_textured_result(obj, name):
 @pytest.mark.slow  # the real pipeline: numba JIT + fitting on CPU take minutes on 2 cores
 def test_refine_selected_puts_the_refined_copy_beside_the_original(backend):
     scene = fresh_scene()
-    cube = refine_setup(scene)
+    cube = refine_setup(scene, location=(40.0, -25.0, 8.0), rotation=(0.3, -0.2, 1.1))  # far from the origin, rotated
     assert bpy.ops.im3d.refine_selected() == {"FINISHED"}, scene.im3d.job_error
     result = bpy.data.objects["Cube refined"]
     assert_textured_result(result, "Cube refined")
@@ -125,8 +125,14 @@ def test_refine_selected_puts_the_refined_copy_beside_the_original(backend):
     assert (center - cube.matrix_world.translation).length < 0.15, center
     assert cube.hide_get() and cube.hide_render  # keep_original off
     assert len(scene.im3d_history) == 1 and scene.im3d_history[0].kind == "refine"
-    # Re-import from the history re-verifies the kept files.
+    # Re-import from the history re-verifies the kept files and puts the object back where it was made.
+    bounds = [tuple(result.matrix_world @ v.co) for v in result.data.vertices[:50]]
+    bpy.data.objects.remove(result)
     assert bpy.ops.im3d.reimport() == {"FINISHED"}
+    again = bpy.data.objects["Cube refined"]
+    assert again["im3d_source"] == "Cube" and len(again.data.vertices) >= 50
+    assert max(abs(a - b) for p, q in zip(bounds, (again.matrix_world @ v.co for v in again.data.vertices[:50])) for a, b in zip(p, q)) < 1e-4
+    assert bpy.ops.im3d.reimport() == {"FINISHED"}  # with the copy still there: a second one beside it
     assert len([o for o in bpy.data.collections["IM-3D"].objects]) == 2
 
 
@@ -185,6 +191,36 @@ def test_cancel_stops_the_job_on_the_backend(slow_backend):
     assert set(bpy.data.objects) == objects_before
     status = modules()[1].client(bpy.context.preferences.addons[PACKAGE].preferences).job(flow.run.job_id)
     assert status["state"] == "cancelled"
+
+
+def test_starting_the_backend_never_blocks_blender_and_the_job_goes_when_it_is_ready(slow_backend):
+    """The first job of a session starts the backend in a worker thread: every timer tick stays short,
+    the panel says "Starting the backend…", and the job is sent once /v1/health answers."""
+    runtime, local = modules()
+    prefs = bpy.context.preferences.addons[PACKAGE].preferences
+    local.stop_backend()
+    process = local.local_process(prefs)
+    process.extra_args = ["--runner", "blender_slow_runner:run"]
+    process.extra_env = {"PYTHONPATH": str(Path(__file__).resolve().parent)}
+    scene = fresh_scene()
+    refine_setup(scene)  # diffusion and LPIPS off: no model weights needed
+    assert bpy.ops.im3d.refine_selected(asynchronous=True) == {"FINISHED"}
+    flow, stages, ticks = runtime.Jobs.active, set(), []
+    deadline = time.monotonic() + 90
+    while flow.run is None or flow.run.job_id is None:
+        start = time.perf_counter()
+        preparing = flow.phase == "preparing"
+        runtime.pump()
+        if preparing:
+            ticks.append(time.perf_counter() - start)
+        stages.add(scene.im3d.job_stage)
+        assert runtime.Jobs.active is flow, scene.im3d.job_error
+        assert time.monotonic() < deadline, "the job never reached the backend"
+        time.sleep(0.05)
+    assert "Starting the backend…" in stages and process.running() and process.ready
+    assert max(ticks) < 0.25, f"a timer tick blocked Blender for {max(ticks):.2f} s"
+    pump_until_done(runtime, on_running=runtime_cancel)
+    assert scene.im3d.job_state == "cancelled"
 
 
 def test_killed_backend_gives_a_clear_error_and_leaves_the_scene_unchanged(slow_backend):
