@@ -26,6 +26,7 @@ def hub_env(tmp_path, monkeypatch):
     monkeypatch.setenv("IM3D_MODELS_DIR", str(tmp_path / "models"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "hf" / "token"))  # no stored login
     monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True, raising=False)
     # huggingface_hub writes what it receives in 10 MB chunks, so a cut loses the chunk in flight;
     # the test repository is small, so the chunks are scaled down with it.
@@ -186,10 +187,13 @@ def test_gated_repository_is_refused_with_the_licence_page_and_nothing_is_presen
             assert "hf auth login" in error.value.message
             statuses = {st.name: st for st in model_statuses(config)}
             assert statuses["orbit-video"].status != "present"
-            # with the accepted account's token the same pull succeeds; the token is sent, never stored
-            pulled = pull_models(config, ["orbit-video"], token=state.token)
+            # with the accepted account's token in HF_TOKEN (as `hf auth login` users have it) it succeeds;
+            # the token is sent to the Hub, never stored by the pull
+            os.environ["HF_TOKEN"] = state.token
+            pulled = pull_models(config, ["orbit-video"])
         finally:
             del os.environ["HF_ENDPOINT"]
+            os.environ.pop("HF_TOKEN", None)
     assert pulled[0].status == "present"
     assert any(r["token"] == state.token for r in state.requests)
     stored = [p for p in (hub_env / "hf").rglob("*") if p.is_file() and state.token.encode() in p.read_bytes()]
