@@ -193,8 +193,10 @@ def preset_values(preset: str) -> dict | None:
     if isinstance(table, list):
         table = {str(p.get("name")): p for p in table if isinstance(p, dict)}
     value = table.get(preset.lower()) if isinstance(table, dict) else None
-    if isinstance(value, dict) and isinstance(value.get("config"), dict):
-        value = value["config"]
+    for key in ("values", "config"):  # {"overrides", "values"} (GET /v1/presets) or {"config"}
+        if isinstance(value, dict) and isinstance(value.get(key), dict):
+            value = value[key]
+            break
     return value if isinstance(value, dict) else None
 
 

@@ -223,6 +223,24 @@ def test_starting_the_backend_never_blocks_blender_and_the_job_goes_when_it_is_r
     assert scene.im3d.job_state == "cancelled"
 
 
+def test_the_panel_takes_preset_values_from_the_backend_instead_of_repeating_them(slow_backend):
+    """What the backend answered on GET /v1/presets (learnt while getting ready) fills Custom Settings."""
+    from im3d.config import load_config
+
+    runtime, local = modules()
+    values = local.preset_values("fast")
+    if local.Backend.presets is None:
+        pytest.fail("the backend's presets were not learnt while it got ready (GET /v1/presets)")
+    fast, high = load_config("fast"), load_config("high")
+    assert values["recon"]["steps"] == fast.recon.steps and values["mesh"]["face_budget"] == fast.mesh.face_budget
+    state = fresh_scene().im3d
+    state.preset = "HIGH"
+    state.use_custom_settings = True  # starts from the backend's High values
+    assert (state.refinement_rounds, state.face_budget, state.texture_size) == (
+        high.pipeline.refinement_rounds, high.mesh.face_budget, str(high.mesh.texture_size),
+    )
+
+
 def test_killed_backend_gives_a_clear_error_and_leaves_the_scene_unchanged(slow_backend):
     backend = slow_backend
     scene = fresh_scene()
