@@ -17,7 +17,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 PROTOCOL_VERSION = 1
 PRESETS = ("fast", "standard", "high")
@@ -277,13 +277,3 @@ def _error_from_response(http_status: int, payload: bytes) -> BackendError:
     except (UnicodeDecodeError, ValueError, KeyError, TypeError):
         text = payload[:200].decode("utf-8", "replace").strip()
         return BackendError("http_error", f"the backend answered HTTP {http_status}{': ' + text if text else ''}", http_status)
-
-
-def format_eta(seconds: float | None) -> str:
-    if seconds is None or seconds < 0:
-        return ""
-    seconds = int(round(seconds))
-    return f"{seconds // 60}:{seconds % 60:02d}" if seconds >= 60 else f"{seconds} s"
-
-
-ProgressCallback = Callable[[dict], None]
