@@ -273,10 +273,24 @@ def _fetch_hub_file(item: FileToFetch, counter: _Bytes, token: str | None, model
         where = {"local_dir": str(Path(models_dir).expanduser() / item.repo_id.replace("/", "--"))}
     try:
         return Path(hf_hub_download(item.repo_id, item.path, endpoint=hf_endpoint(), token=token, tqdm_class=counter.tqdm_class(), **where))
-    except Cancelled:
-        raise
     except Exception as error:  # noqa: BLE001
+        if isinstance(error, Cancelled) or (counter.cancel is not None and counter.cancel()):
+            # Xet transfers report progress from hf_xet's threads, where our Cancelled may surface as
+            # another error: a cancel asked for is a cancel. Stop hf_xet's own transfers too.
+            _abort_xet()
+            raise Cancelled() from None
         raise _hub_error(error, item.repo_id, item.model) from None
+
+
+def _abort_xet() -> None:
+    try:
+        from huggingface_hub.utils._xet import abort_xet_session
+    except ImportError:  # another huggingface_hub layout, or no Xet: nothing runs in the background
+        return
+    try:
+        abort_xet_session()
+    except Exception:  # noqa: BLE001 - best effort: the session may already be gone
+        pass
 
 
 def _convert(model_id: str, models_dir: str, progress: ProgressFn | None, cancel: Callable[[], bool] | None,
