@@ -36,6 +36,15 @@ class JobSpec:
     artifacts: tuple[str, ...] = ("mesh.glb", "preview.png")  # what the add-on downloads
 
 
+def check_spec(spec: JobSpec) -> None:
+    """The request's rules (client.build_job_request), checked when the artist clicks — before any
+    turntable or upload — with stand-ins for the upload ids that do not exist yet."""
+    build_job_request(
+        spec.kind, prompt=spec.prompt, negative_prompt=spec.negative_prompt, image="pending" if spec.image_path else None,
+        views="pending" if spec.views_dir or spec.kind != "generate" else None, seed=spec.seed, preset=spec.preset, overrides=spec.overrides,
+    )
+
+
 @dataclass
 class JobResult:
     job_id: str

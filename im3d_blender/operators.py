@@ -19,6 +19,7 @@ from . import local_backend, runtime
 from .client import BackendError
 from .importer import ImportFailed, object_name, place_beside
 from .job_request import lpips_wanted, make_spec
+from .jobs import check_spec
 from .paths import preferences, turntable_folder
 from .turntable import TurntableError, TurntableRender, orbit_views
 
@@ -64,6 +65,7 @@ class _JobOperator:
         state = context.scene.im3d
         prefs = preferences()
         spec = make_spec(state, self.kind)
+        check_spec(spec)  # the request's rules, once, before anything is rendered or sent
         key = f"{self.kind}-{spec.preset}-{'diffusion' if self.kind == 'generate' or state.refine_use_diffusion else 'nodiffusion'}"
         flow = runtime.JobFlow(scene_name=context.scene.name, spec=spec, targets=targets, speed_key=key)
         flow.preparation = local_backend.Preparation(prefs, spec.preset)
@@ -143,8 +145,6 @@ class IM3D_OT_generate(_JobOperator, bpy.types.Operator):
 
     def prepare(self, context) -> runtime.JobFlow:
         state = context.scene.im3d
-        if not state.prompt.strip() and not state.image_path:
-            raise BackendError("invalid_request", "type a prompt or choose an image first")
         provenance = {"kind": "generate", "prompt": state.prompt, "seed": state.seed, "preset": state.preset.lower()}
         target = runtime.Target(
             kind="generate", name=object_name(state.prompt, "IM-3D image result"), provenance=provenance,
