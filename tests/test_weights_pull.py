@@ -261,3 +261,35 @@ def test_pull_of_the_official_sv3d_downloads_one_file_and_converts_it(hub_env, t
     fractions = [f for f, _ in events]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     assert any(m.startswith("converting") for _, m in events)
+
+
+def test_pull_into_models_dir_and_list_remote_sizes(hub_env, capsys):
+    """With diffusion.models_dir set, pull writes `<models_dir>/<org>--<name>` (what the loader looks at
+    first); `im3d models list --remote --json` reports the Hub's exact sizes and licence."""
+    import json
+    import os
+
+    from im3d.cli import main
+
+    repo = tiny_diffusers_repo(4096)
+    state = HubState(repos={"test/tiny": Repo(repo, license="apache-2.0")})
+    models_dir = hub_env / "my-models"
+    settings = ["--set", "diffusion.text_to_image_model=test/tiny", "--set", f"diffusion.models_dir={json.dumps(str(models_dir))}",
+                "--set", "recon.lpips_weight=0", "--set", "diffusion.orbit_model=test/tiny"]
+    with HubServer(state) as hub:
+        os.environ["HF_ENDPOINT"] = hub.url
+        try:
+            capsys.readouterr()
+            assert main(["models", "list", "--remote", "--json", *settings]) == 0
+            listed = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
+            assert listed["text-to-image"]["download_bytes"] == sum(len(repo[n]) for n in ALLOWED_TINY_FILES)
+            assert listed["text-to-image"]["licence"] == "apache-2.0" and listed["text-to-image"]["status"] == "missing"
+            assert main(["models", "pull", "text-to-image", *settings]) == 0
+        finally:
+            del os.environ["HF_ENDPOINT"]
+    folder = models_dir / "test--tiny"
+    assert {f for f in _snapshot_files(folder) if not f.startswith(".cache")} == ALLOWED_TINY_FILES
+    capsys.readouterr()
+    assert main(["models", "list", "--json", *settings]) == 0
+    listed = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
+    assert listed["text-to-image"]["status"] == "present" and listed["text-to-image"]["path"] == str(folder)
