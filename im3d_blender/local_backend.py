@@ -37,6 +37,7 @@ class Backend:
     setup_progress: float = 0.0
     setup_stage: str = ""
     setup_cancel = threading.Event()
+    download_text: str | None = None
     starting: "Preparation | None" = None  # a Start pressed in the preferences, running in its thread
 
 
@@ -211,6 +212,19 @@ atexit.register(stop_backend)
 
 # ----------------------------------------------------------------------------------------------
 # Set-up of the environment (Preferences → Set up Backend)
+
+
+def download_estimate() -> str:
+    """"about 3.2 GB (86 packages)" for the bundled lock on this platform, read once (what Set up downloads)."""
+    if Backend.download_text is None:
+        from .setup_env import download_size, format_size
+
+        try:
+            size, count = download_size(bundled_backend_source() / "uv.lock")
+            Backend.download_text = f"about {format_size(size)} ({count} packages)"
+        except (OSError, ValueError, KeyError, ImportError):
+            Backend.download_text = "a few GB"
+    return Backend.download_text
 
 
 def setup_running() -> bool:

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import textwrap
-
 import bpy
 
 from . import local_backend, runtime
+from .preferences import draw_wrapped
 
 
-def _wrapped(layout, text: str, icon: str = "NONE", width: int = 42) -> None:
-    for index, line in enumerate(textwrap.wrap(text, width) or [""]):
-        row = layout.row()
-        row.alert = icon == "ERROR"
-        row.label(text=line, icon=icon if index == 0 else "BLANK1")
+def _wrapped(layout, text: str, icon: str = "NONE") -> None:
+    draw_wrapped(layout, text, icon, width=42)  # the sidebar is narrower than the preferences
 
 
 class IM3D_UL_history(bpy.types.UIList):

@@ -423,3 +423,66 @@ def test_every_registered_property_has_a_tooltip_and_units(addon):
     assert settings["refine_strength"].subtype == "FACTOR"
     enum = settings["texture_size"]
     assert all(item.description for item in enum.enum_items)
+
+
+# ----------------------------------------------------------------------------------------------
+# Drawing (headless Blender has no UI: draw into a recording layout)
+
+
+class RecordingLayout:
+    """Accepts every UILayout call and records labels and progress texts, so draw() code runs headless."""
+
+    def __init__(self, log):
+        self.__dict__["log"] = log
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            if name in ("label", "progress") and "text" in kwargs:
+                self.log.append(kwargs["text"])
+            if name == "prop" and len(args) >= 2:
+                assert hasattr(args[0], args[1]), f"layout.prop on a missing property {args[1]!r}"
+            return RecordingLayout(self.log)
+
+        return call
+
+    def __setattr__(self, name, value):
+        pass
+
+
+class Drawer:
+    def __init__(self, wrapped, log):
+        self.__dict__.update(wrapped=wrapped, layout=RecordingLayout(log))
+
+    def __getattr__(self, name):
+        return getattr(self.wrapped, name)
+
+
+def test_panel_and_preferences_draw_what_the_artist_needs(addon, double, tmp_path):
+    runtime, local = addon
+    scene = fresh_scene()
+    selected_statue(scene)
+    log = []
+    panel = sys.modules[f"{PACKAGE}.ui"].IM3D_PT_generate
+    panel.draw(Drawer(None, log), bpy.context)
+    assert "Prompt" in log and "Select one or more mesh objects" not in log
+    # Mid-job: one bar with the stage in words, and the reason the buttons are off.
+    scene.im3d.turntable_views = 6
+    assert bpy.ops.im3d.refine_selected(asynchronous=True) == {"FINISHED"}
+    flow = runtime.Jobs.active
+    while not (flow.phase == "turntable" and flow.next_view >= 1):
+        runtime.pump()
+    log.clear()
+    panel.draw(Drawer(None, log), bpy.context)
+    assert any(text.startswith("Rendering the turntable (view 1 of 6)") for text in log), log
+    assert "A job is running: wait for it or press Cancel" in log
+    bpy.ops.im3d.cancel()
+    runtime.pump()
+    # Preferences: the download size before set-up, and errors in full.
+    local.Backend.setup_error = "the packages could not be downloaded (dns error: failed to lookup address information); connect to the internet (or set HTTPS_PROXY) and press Set up Backend again"
+    p = prefs()
+    p.backend_mode = "LOCAL"
+    log.clear()
+    type(p).draw(Drawer(p, log), bpy.context)
+    assert any(text.startswith("downloads about ") and "GB" in text for text in log), log
+    assert "Set up Backend again" in " ".join(log) and all(len(text) <= 160 for text in log)
+    local.Backend.setup_error = ""
