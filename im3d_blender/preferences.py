@@ -93,6 +93,7 @@ class IM3D_AddonPreferences(bpy.types.AddonPreferences):
             row = box.row()
             row.enabled = runtime.Jobs.active is None
             row.operator("im3d.setup_backend", icon="IMPORT")
+            row.label(text=f"downloads {local_backend.download_estimate()}")
             if Backend.setup_error:
                 draw_wrapped(box, Backend.setup_error, "ERROR")
             elif Backend.setup_stage:
@@ -127,6 +128,11 @@ class IM3D_OT_setup_backend(bpy.types.Operator):
 
     bl_idname = "im3d.setup_backend"
     bl_label = "Set up Backend"
+
+    def invoke(self, context, event):
+        # Say how much will be downloaded before anything starts.
+        message = f"Set up the backend: downloads {local_backend.download_estimate()} from PyPI (less if cached) into the Environment folder."
+        return context.window_manager.invoke_confirm(self, event, title="Set up Backend", message=message, confirm_text="Download and Set Up")
 
     def execute(self, context):
         try:
