@@ -32,7 +32,7 @@ from .turntable import TurntableCancelled, TurntableError, TurntableRender
 
 LPIPS_MISSING = (
     "The fit's perceptual loss needs the LPIPS backbone (VGG16 weights), which is not downloaded yet. "
-    "Download it in Edit → Preferences → Add-ons → IM-3D → Models, or untick 'Perceptual Loss (LPIPS)' "
+    "Download it in Edit → Preferences → Add-ons → IM-3D → Models (Download Models), or untick 'Perceptual Loss (LPIPS)' "
     "in the panel to fit without it (a little less detail)."
 )
 
@@ -98,7 +98,7 @@ class JobFlow:
         if needed:
             fallback = " — or switch 'Use Diffusion' off to rebuild from the renders only" if self.spec.kind == "refine" else ""
             raise BackendError(
-                "model_not_found", f"the backend has no {' and no '.join(needed)} model yet: download it in Edit → Preferences → Add-ons → IM-3D → Models{fallback}",
+                "model_not_found", f"the backend has no {' and no '.join(needed)} model yet: download it in Edit → Preferences → Add-ons → IM-3D → Models (Download Models){fallback}",
             )
 
     def _job_run(self, prefs_client) -> JobRun:
@@ -129,6 +129,7 @@ class JobFlow:
             self._check_models()
             for self.index, target in enumerate(self.targets):
                 if target.turntable is not None:
+                    self._capture_source(target)
                     with target.turntable as turntable:
                         turntable.render_all()
                 self.run = self._job_run(client)
@@ -191,10 +192,19 @@ class JobFlow:
             return self._end("failed", getattr(error, "message", str(error)))
         return self.phase == "done"
 
+    def _capture_source(self, target: Target) -> None:
+        """The original as it is when its turntable renders (the artist may have moved it since the click)."""
+        source = bpy.data.objects.get(target.source_object or "")
+        if source is None:
+            raise TurntableError(f"the object {target.source_object!r} was deleted before it could be rendered; nothing was sent")
+        target.source_matrix = tuple(tuple(row) for row in source.matrix_world)
+        target.source_width = max(source.dimensions.x, 0.1)
+
     def _begin_target(self, client_factory) -> None:
         self.target_started = time.monotonic()
         self.eta = EtaEstimator(local_backend_memory().timeline(self.speed_key))
         if self.target.turntable is not None:
+            self._capture_source(self.target)
             self.target.turntable.setup()
             self.next_view = 0
             self.phase = "turntable"
