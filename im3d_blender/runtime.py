@@ -275,11 +275,13 @@ class JobFlow:
         if len(self.targets) > 1:
             text = f"{self.targets[self.index].source_object or ''} ({self.index + 1} of {len(self.targets)}): {text}"
         remaining = self._remaining(now)
+        elapsed = now - self.target_started
+        later = len(self.targets) - self.index - 1
+        total_remaining = None if remaining is None else remaining + later * (elapsed + remaining)  # the next objects take as long
         state.job_state = "running"
         state.job_stage = text
-        state.job_eta = format_eta(remaining)
+        state.job_eta = format_eta(total_remaining)
         # The bar: share of the estimated time when there is an estimate, else the steps done; never back.
-        elapsed = now - self.target_started
         if remaining is not None:
             own = elapsed / (elapsed + remaining) if elapsed + remaining > 0 else 0.0
         elif self.phase == "turntable":
