@@ -53,6 +53,7 @@ def run_once(bpy, runtime, original, overrides) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timeline", type=Path, help="write the recorded status samples here (JSON)")
+    parser.add_argument("--overrides", help='JSON config overrides instead of the demo\'s, e.g. {"recon": {"steps": 100}}')
     args = parser.parse_args(argv)
     os.environ.setdefault("BLENDER_USER_RESOURCES", tempfile.mkdtemp(prefix="im3d-eta-user-"))
     import blender_demo
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     prefs.python_path, prefs.port = sys.executable, blender_demo._free_port()
     try:
         original = blender_demo._suzanne()
-        runs = [run_once(bpy, runtime, original, json.loads(json.dumps(DEMO_OVERRIDES))) for _ in range(2)]
+        overrides = json.loads(args.overrides) if args.overrides else json.loads(json.dumps(DEMO_OVERRIDES))
+        runs = [run_once(bpy, runtime, original, json.loads(json.dumps(overrides))) for _ in range(2)]
     finally:
         local.stop_backend()
     print(f"| run | measured speeds | job total | worst ETA error after the first quarter |")

@@ -172,6 +172,8 @@ class JobFlow:
                 turntable = self.target.turntable
                 if self.cancel_requested:
                     return self._end("cancelled", "cancelled while rendering the turntable")
+                if bpy.data.objects.get(self.target.source_object or "") is None:
+                    raise TurntableError(f"the object {self.target.source_object!r} was deleted while its turntable rendered; nothing was sent")
                 started = time.perf_counter()
                 turntable.render_view(self.next_view)
                 self.view_seconds.append(time.perf_counter() - started)
@@ -190,6 +192,8 @@ class JobFlow:
                 return self._end("cancelled", error.message if hasattr(error, "message") else str(error))
             error = translate_error(error) if isinstance(error, BackendError) else error
             return self._end("failed", getattr(error, "message", str(error)))
+        except Exception as error:  # noqa: BLE001 - e.g. the object deleted mid-turntable: end the job, never leave it stuck
+            return self._end("failed", f"the job stopped unexpectedly ({error!r}); nothing was added to the scene")
         return self.phase == "done"
 
     def _capture_source(self, target: Target) -> None:

@@ -340,6 +340,26 @@ def test_cancel_during_the_turntable_leaves_nothing_behind_and_buttons_say_why_t
     assert bpy.ops.im3d.generate.poll()  # the buttons are back
 
 
+def test_deleting_the_object_mid_turntable_ends_the_job_cleanly(addon, double):
+    runtime, local = addon
+    scene = fresh_scene()
+    cube = far_rotated_cube("Vase", (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    for obj in scene.objects:
+        obj.select_set(obj == cube)
+    bpy.context.view_layer.objects.active = cube
+    quick_turntable(scene.im3d)
+    scenes_before = set(bpy.data.scenes)
+    assert bpy.ops.im3d.refine_selected(asynchronous=True) == {"FINISHED"}
+    flow = runtime.Jobs.active
+    while not (flow.phase == "turntable" and flow.next_view >= 1):
+        runtime.pump()
+    bpy.data.objects.remove(cube)
+    runtime.pump()
+    assert runtime.Jobs.active is None and scene.im3d.job_state == "failed"
+    assert "'Vase' was deleted while its turntable rendered" in scene.im3d.job_error
+    assert set(bpy.data.scenes) == scenes_before and double.created == 0 and bpy.ops.im3d.generate.poll()
+
+
 # ----------------------------------------------------------------------------------------------
 # No weights at all: LPIPS
 
