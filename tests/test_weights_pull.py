@@ -293,3 +293,10 @@ def test_pull_into_models_dir_and_list_remote_sizes(hub_env, capsys):
     assert main(["models", "list", "--json", *settings]) == 0
     listed = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
     assert listed["text-to-image"]["status"] == "present" and listed["text-to-image"]["path"] == str(folder)
+
+
+def test_offline_mode_downloads_nothing(hub_env, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PullError) as error:
+        pull_models(_config(lpips=1.0), ["lpips-alex"])  # not even torchvision's URL is tried
+    assert error.value.code == "offline" and "HF_HUB_OFFLINE" in error.value.message

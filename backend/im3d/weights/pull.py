@@ -244,6 +244,8 @@ def pull(
     """Download (and convert) every model in `statuses` that is not present; returns the plan it ran.
 
     `convert_options` go to `convert_sv3d_checkpoint` (head sizes of a scaled-down test checkpoint)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise PullError("offline", "HF_HUB_OFFLINE is set, so nothing is downloaded (the Hub's and torchvision's files alike); unset it and pull again")
     plan = plan_pull(statuses, token=token, models_dir=models_dir)
     # a conversion streams the whole checkpoint once more: it gets the last part of the bar
     share = 0.8 if plan.convert else 1.0
