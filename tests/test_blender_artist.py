@@ -417,8 +417,10 @@ def test_an_older_backend_teaches_the_missing_lpips_once_and_the_next_click_says
 def registered_properties():
     """Every property the add-on declares (its classes' annotations), as Blender registered it."""
     classes = []
-    for name in ("properties", "preferences", "operators", "ui"):
-        classes += sys.modules[f"{PACKAGE}.{name}"].classes
+    for name in ("properties", "preferences", "operators", "ui", "models_ui"):
+        module = sys.modules.get(f"{PACKAGE}.{name}")
+        assert module is not None or name == "models_ui", name  # models_ui: when this version has it
+        classes += getattr(module, "classes", ())
     for cls in classes:
         declared = [k for k in getattr(cls, "__annotations__", {}) if not k.startswith("_")]
         if issubclass(cls, bpy.types.Operator):
