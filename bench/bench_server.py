@@ -34,9 +34,9 @@ def busy_job(request, workdir, config, progress, cancel):
 
     from im3d.errors import Cancelled
 
-    words = dict(w.split("=", 1) for w in request["prompt"].split() if "=" in w)
+    words = dict(w.split("=", 1) for w in request.prompt.split() if "=" in w)
     steps = int(words.get("steps", 5))
-    rng = np.random.default_rng(request["seed"])
+    rng = np.random.default_rng(config.pipeline.seed)
     a = rng.standard_normal((192, 192))
     for step in range(steps):
         if cancel():

@@ -22,8 +22,8 @@ from im3d.errors import Cancelled, PipelineError
 STAGES = ("load_models", "reference_image", "orbit_video", "fit", "mesh", "export")
 
 
-def knobs(request: dict) -> dict[str, str]:
-    return dict(word.split("=", 1) for word in (request.get("prompt") or "").split() if "=" in word)
+def knobs(request) -> dict[str, str]:
+    return dict(word.split("=", 1) for word in request.prompt.split() if "=" in word)
 
 
 def tiny_png(value: int) -> bytes:
@@ -77,5 +77,5 @@ def staged_job(request, workdir: Path, config, progress, cancel, stage_entered=N
     size = int(float(opts.get("artifact_kb", 4)) * 1024)
     (workdir / "mesh.glb").write_bytes(b"glTF" + bytes(range(256)) * (size // 256 + 1))
     (workdir / "preview.png").write_bytes(tiny_png(200))
-    (workdir / "metrics.json").write_text(json.dumps({"seed": request["seed"], "kind": request["kind"]}))
+    (workdir / "metrics.json").write_text(json.dumps({"seed": config.pipeline.seed, "kind": request.kind}))
     return {"mesh.glb": workdir / "mesh.glb", "preview.png": workdir / "preview.png", "metrics.json": workdir / "metrics.json"}

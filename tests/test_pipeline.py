@@ -12,6 +12,7 @@ from im3d.cameras import orbit_cameras, write_transforms
 from im3d.config import load_config
 from im3d.diffusion.tiny import build_orbit_model, build_text_to_image_model
 from im3d.errors import Cancelled, PipelineError
+from im3d.request import JobInputs
 from im3d.pipeline import run_job, save_png
 from im3d.splats.model import activated, make_splats
 from im3d.splats.rasterize import rasterize
@@ -66,7 +67,7 @@ def _check_glb(path):
 def test_reconstruct_job_writes_every_artifact(tmp_path):
     views = _views_dataset(tmp_path / "views")
     stages = []
-    artifacts = run_job({"kind": "reconstruct", "views": views, "seed": 0}, tmp_path / "job", load_config("fast", overrides=SMALL),
+    artifacts = run_job(JobInputs("reconstruct", views=views), tmp_path / "job", load_config("fast", overrides=SMALL),
                         lambda stage, fraction, message, preview: stages.append((stage, fraction)))
     assert {"mesh.glb", "splats.ply", "preview.png", "metrics.json", "config.json"} <= set(artifacts)
     mesh = _check_glb(artifacts["mesh.glb"])
@@ -84,10 +85,10 @@ def test_reconstruct_rejects_empty_and_bad_views(tmp_path):
     for png in (views / "images").glob("*.png"):
         save_png(png, torch.zeros(32, 32, 4))
     with pytest.raises(PipelineError) as error:
-        run_job({"kind": "reconstruct", "views": views}, tmp_path / "job", load_config("fast", overrides=SMALL))
+        run_job(JobInputs("reconstruct", views=views), tmp_path / "job", load_config("fast", overrides=SMALL))
     assert error.value.code == "no_object_found"
     with pytest.raises(PipelineError) as error:
-        run_job({"kind": "reconstruct", "views": tmp_path / "missing"}, tmp_path / "job2", load_config("fast", overrides=SMALL))
+        run_job(JobInputs("reconstruct", views=tmp_path / "missing"), tmp_path / "job2", load_config("fast", overrides=SMALL))
     assert error.value.code == "invalid_views" and "no such dataset folder" in error.value.message
 
 
@@ -100,7 +101,7 @@ def test_cancel_in_each_reconstruct_stage(tmp_path, cancel_stage):
         seen.append(stage)
 
     with pytest.raises(Cancelled):
-        run_job({"kind": "reconstruct", "views": views}, tmp_path / "job", load_config("fast", overrides=SMALL), progress,
+        run_job(JobInputs("reconstruct", views=views), tmp_path / "job", load_config("fast", overrides=SMALL), progress,
                 cancel=lambda: cancel_stage in seen)
     assert "export" not in seen
     assert not (tmp_path / "job" / "mesh.glb").exists() or cancel_stage != "mesh"
@@ -126,7 +127,7 @@ def test_generate_with_tiny_models_runs_every_stage(tmp_path, tiny_models):
     """Random weights draw no real object: the job either meshes what it got or says no object was found."""
     stages = []
     try:
-        artifacts = run_job({"kind": "generate", "prompt": "a red mug", "seed": 3}, tmp_path / "job", _generate_config(tiny_models),
+        artifacts = run_job(JobInputs("generate", "a red mug"), tmp_path / "job", _generate_config(tiny_models),
                             lambda stage, fraction, message, preview: stages.append(stage))
     except PipelineError as error:
         assert error.code == "no_object_found", error
@@ -148,7 +149,7 @@ def test_generate_from_an_image_with_tiny_models(tmp_path, tiny_models):
     save_png(tmp_path / "ref.png", image)
     stages = []
     try:
-        artifacts = run_job({"kind": "generate", "image": tmp_path / "ref.png", "seed": 1}, tmp_path / "job", _generate_config(tiny_models),
+        artifacts = run_job(JobInputs("generate", image=tmp_path / "ref.png"), tmp_path / "job", _generate_config(tiny_models),
                             lambda stage, fraction, message, preview: stages.append(stage))
     except PipelineError as error:
         assert error.code == "no_object_found", error
@@ -161,7 +162,7 @@ def test_refine_with_diffusion_rediffuses_views(tmp_path, tiny_models):
     views = _views_dataset(tmp_path / "views", views=4)
     stages = []
     try:
-        artifacts = run_job({"kind": "refine", "views": views, "prompt": "a ball", "seed": 0}, tmp_path / "job", _generate_config(tiny_models),
+        artifacts = run_job(JobInputs("refine", "a ball", views=views), tmp_path / "job", _generate_config(tiny_models),
                             lambda stage, fraction, message, preview: stages.append(stage))
     except PipelineError as error:
         assert error.code == "no_object_found", error
@@ -173,6 +174,6 @@ def test_refine_with_diffusion_rediffuses_views(tmp_path, tiny_models):
 
 def test_unknown_kind_and_missing_prompt(tmp_path, tiny_models):
     with pytest.raises(PipelineError, match="unknown job kind"):
-        run_job({"kind": "dream"}, tmp_path / "a", load_config("fast"))
+        run_job(JobInputs("dream"), tmp_path / "a", load_config("fast"))  # type: ignore[arg-type]
     with pytest.raises(PipelineError, match="needs a prompt or an image"):
-        run_job({"kind": "generate", "prompt": "  "}, tmp_path / "b", _generate_config(tiny_models))
+        run_job(JobInputs("generate", "  "), tmp_path / "b", _generate_config(tiny_models))

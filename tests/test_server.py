@@ -294,7 +294,8 @@ def test_openapi_document_describes_the_api(client):
     schema = client.get("/v1/openapi.json", headers=AUTH).json()
     assert set(schema["paths"]) == {
         "/v1/health", "/v1/uploads", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel",
-        "/v1/jobs/{job_id}/artifacts/{name}", "/v1/jobs/{job_id}/previews/{name}",
+        "/v1/jobs/{job_id}/artifacts/{name}", "/v1/jobs/{job_id}/previews/{name}", "/v1/presets",
+        "/v1/models", "/v1/models/pull", "/v1/models/pull/cancel",  # im3d.service.models_routes
     }
     assert schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     request = schema["components"]["schemas"]["JobRequest"]

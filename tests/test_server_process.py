@@ -176,7 +176,9 @@ def test_start_up_errors_are_clear(tmp_path, capsys):
     blocker.write_text("x")
     code = main(["--jobs-dir", str(blocker / "jobs"), "--port", "0", "--token-file", str(tmp_path / "token")])
     err = capsys.readouterr().err
-    assert code == 2 and "storage_error" in err and str(blocker) in err and "Traceback" not in err
+    from im3d.errors import exit_code
+
+    assert code == exit_code("storage_error") != 0 and "storage_error" in err and str(blocker) in err and "Traceback" not in err
     code = main(["--jobs-dir", str(tmp_path / "jobs"), "--port", "0", "--set", "server.host=0.0.0.0"])
     err = capsys.readouterr().err
     assert code == 2 and "allow_remote" in err

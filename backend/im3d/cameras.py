@@ -34,7 +34,7 @@ GL_TO_CV = np.diag([1.0, -1.0, -1.0, 1.0])
 class DatasetError(Im3dError, ValueError):
     """A multi-view dataset cannot be used; the message names the file and the problem."""
 
-    def __init__(self, path: str | Path, problem: str, code: str = "invalid_dataset"):
+    def __init__(self, path: str | Path, problem: str, code: str = "invalid_views"):
         self.path = str(path)
         self.problem = problem
         super().__init__(code, f"{path}: {problem}")
@@ -247,13 +247,19 @@ def find_transforms(path: str | Path, split: str = "train") -> Path:
     raise DatasetError(path, f"no {' or '.join(candidates)} in this folder")
 
 
-def read_transforms(path: str | Path, split: str = "train", max_size: int | None = None) -> MultiViewDataset:
+def read_transforms(
+    path: str | Path, split: str = "train", max_size: int | None = None, max_pixels: int | None = None, cancel=None
+) -> MultiViewDataset:
     """Read a NeRF-synthetic / Instant-NGP / nerfstudio `transforms.json` and its images.
 
     Intrinsics come from `fl_x, fl_y, cx, cy, w, h` (top level or per frame) or from
     `camera_angle_x` (and optional `camera_angle_y`) with the image size. `max_size` downsizes
-    images whose larger side exceeds it (intrinsics follow).
+    each image as it is decoded, so memory follows `max_size`, not the files (intrinsics follow).
+    `max_pixels` refuses an image whose header says it is larger, before decoding it. Every image
+    must lie inside the dataset's folder. `cancel()` is checked between images.
     """
+    from im3d.errors import check_cancel
+
     json_path = find_transforms(path, split)
     try:
         meta = json.loads(json_path.read_text(encoding="utf-8"))
@@ -274,9 +280,9 @@ def read_transforms(path: str | Path, split: str = "train", max_size: int | None
         where = f"frames[{index}]"
         if not isinstance(frame, dict) or "file_path" not in frame or "transform_matrix" not in frame:
             raise DatasetError(json_path, f"{where} needs 'file_path' and 'transform_matrix'")
+        check_cancel(cancel)
         image_path = _resolve_image(json_path, str(frame["file_path"]), where)
-        rgb, alpha = load_rgba(image_path)
-        h, w = rgb.shape[:2]
+        rgb, alpha, (w, h) = load_rgba(image_path, max_size, max_pixels)
         if size is None:
             size, size_source = (w, h), image_path.name
         elif (w, h) != size:
@@ -300,11 +306,8 @@ def read_transforms(path: str | Path, split: str = "train", max_size: int | None
     )
     image_t = torch.as_tensor(np.stack(images))
     mask_t = torch.as_tensor(np.stack(masks))
-    if max_size is not None and max(width, height) > max_size:
-        scale = max_size / max(width, height)
-        new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
-        image_t, mask_t = _resize(image_t, new_w, new_h), _resize(mask_t, new_w, new_h)
-        cameras = cameras.resized(new_w, new_h)
+    if image_t.shape[2] != width or image_t.shape[1] != height:  # decoded at a smaller size
+        cameras = cameras.resized(int(image_t.shape[2]), int(image_t.shape[1]))
     extra = {k: v for k, v in meta.items() if k not in _INTRINSIC_KEYS and k != "frames"}
     return MultiViewDataset(cameras, image_t, mask_t, file_paths, json_path, extra)
 
@@ -344,33 +347,67 @@ def write_transforms(
     atomic_write_json(Path(path), meta)
 
 
-def load_rgba(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """An image file -> (RGB [H,W,3], alpha [H,W,1]) float32 in [0, 1]; alpha is 1 without a channel."""
+def fit_size(width: int, height: int, max_size: int | None) -> tuple[int, int]:
+    """The size an image of `width` x `height` is decoded to when its larger side may be `max_size`."""
+    if max_size is None or max(width, height) <= max_size:
+        return width, height
+    scale = max_size / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def load_rgba(path: Path, max_size: int | None = None, max_pixels: int | None = None) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """An image file -> (RGB [h,w,3], alpha [h,w,1]) float32 in [0, 1], and its size on disk (w, h).
+
+    Alpha is 1 without a channel. With `max_size`, the image is downscaled (premultiplied, so no
+    colour bleeds from transparent pixels) while still 8-bit, before the float copy is made.
+    `max_pixels` is checked on the header, before decoding (`image_too_large`).
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
+            size = image.size
+            if max_pixels is not None and size[0] * size[1] > max_pixels:
+                raise DatasetError(path, f"is {size[0]}x{size[1]} pixels, more than the {max_pixels} allowed; downscale the images", "image_too_large")
+            target = fit_size(*size, max_size)
+            if image.format == "JPEG" and target != size:
+                image.draft("RGB", target)  # JPEG decodes at 1/2, 1/4, 1/8 scale directly
             image.load()
             has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
             if image.mode in ("I;16", "I;16B", "I", "F"):
-                array = np.asarray(image, dtype=np.float32)
+                gray = image.convert("F")
+                if gray.size != target:
+                    gray = gray.resize(target, Image.BILINEAR, reducing_gap=None)
+                array = np.asarray(gray, dtype=np.float32)
                 array = array / (65535.0 if array.max() > 255 else 255.0)
                 rgba = np.concatenate([np.repeat(array[..., None], 3, -1), np.ones_like(array[..., None])], -1)
             else:
-                rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
+                rgba_image = image.convert("RGBA")
+                if rgba_image.size != target:
+                    rgba_image = rgba_image.convert("RGBa").resize(target, Image.BILINEAR).convert("RGBA")
+                rgba = np.asarray(rgba_image, dtype=np.float32) / 255.0
     except FileNotFoundError:
         raise DatasetError(path, "image file is missing") from None
+    except Image.DecompressionBombError as error:
+        raise DatasetError(path, f"is too large to decode safely ({error}); downscale the images", "image_too_large") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise DatasetError(path, f"is not a readable image: {error}") from None
     alpha = rgba[..., 3:4] if has_alpha else np.ones_like(rgba[..., 3:4])
-    return np.ascontiguousarray(rgba[..., :3]), np.ascontiguousarray(alpha)
+    return np.ascontiguousarray(rgba[..., :3]), np.ascontiguousarray(alpha), size
 
 
 _INTRINSIC_KEYS = {"camera_angle_x", "camera_angle_y", "fl_x", "fl_y", "cx", "cy", "w", "h"}
 
 
 def _resolve_image(json_path: Path, file_path: str, where: str) -> Path:
-    candidate = (json_path.parent / file_path).resolve()
+    """The image a frame names; it must lie inside the dataset's folder (symlinks resolved), so a
+    dataset can never make the backend read a file elsewhere, whatever the split."""
+    root = json_path.parent.resolve()
+    candidate = (root / file_path).resolve()
+    if candidate != root and root not in candidate.parents:
+        raise DatasetError(
+            json_path, f"{where}.file_path {file_path!r} points outside the dataset folder; use paths relative to it", "path_outside_upload"
+        )
     if candidate.is_file():
         return candidate
     if not candidate.suffix:  # NeRF-synthetic leaves the .png off
@@ -430,8 +467,3 @@ def _parse_intrinsics(json_path: Path, meta: dict, frame: dict, w: int, h: int, 
     return intrinsics_matrix(fx, fy, cx, cy)
 
 
-def _resize(images: Tensor, width: int, height: int) -> Tensor:
-    """[C,H,W,K] -> [C,height,width,K] with antialiased bilinear filtering."""
-    nchw = images.permute(0, 3, 1, 2)
-    out = torch.nn.functional.interpolate(nchw, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
-    return out.permute(0, 2, 3, 1).clamp(0, 1).contiguous()

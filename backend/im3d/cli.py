@@ -1,18 +1,22 @@
-"""`im3d serve | generate | refine | reconstruct | mesh | demo` — the backend on the command line.
+"""`im3d serve | generate | refine | reconstruct | mesh | demo | models` — the backend on the command line.
 
 Every job command takes the same config options (--preset, --config FILE, --set a.b=value,
---device) and shows a progress bar on the terminal; Ctrl-C cancels between steps.
+--device) and shows a progress bar on the terminal; Ctrl-C cancels between steps. A job's models
+are checked before its first stage (`im3d models list | pull | verify | convert` gets them).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
-from im3d.config import PRESETS, Config, ConfigError, load_config
+from im3d.config import PRESETS, Config, load_config
+from im3d.errors import Cancelled, Im3dError, as_im3d_error, exit_code
+from im3d.request import JobInputs
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +33,6 @@ def _resolve_config(args: argparse.Namespace, extra: dict | None = None) -> Conf
         overrides.setdefault("pipeline", {})["device"] = args.device
     if getattr(args, "seed", None) is not None:
         overrides.setdefault("pipeline", {})["seed"] = args.seed
-        overrides.setdefault("recon", {})["seed"] = args.seed
     for section, values in (extra or {}).items():
         overrides.setdefault(section, {}).update(values)
     return load_config(args.preset, file=args.config, overrides=overrides, assignments=args.assignments)
@@ -52,9 +55,14 @@ class TerminalProgress:
         self.bar.close()
 
 
-def run_local_job(request: dict, out_dir: Path, config: Config) -> dict[str, Path]:
+def run_local_job(request: JobInputs, out_dir: Path, config: Config) -> dict[str, Path]:
     """Run a job in this process with a terminal progress bar; Ctrl-C cancels between steps."""
-    from im3d.pipeline import run_job
+    request.check(config.diffusion.enabled)  # before the slow imports and before --out is touched
+    from im3d.weights import preflight
+
+    preflight(config, {"kind": request.kind, "image": request.image})  # every missing model, before any stage
+    prepare_out_dir(out_dir)
+    from im3d.pipeline import run_job  # torch: seconds to import, so only once the job can run
 
     cancelled = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: cancelled.set())
@@ -66,6 +74,30 @@ def run_local_job(request: dict, out_dir: Path, config: Config) -> dict[str, Pat
         signal.signal(signal.SIGINT, previous)
 
 
+OUTPUT_NAMES = ("mesh.glb", "splats.ply", "preview.png", "metrics.json", "config.json", "reference.png", "previews")
+
+
+def prepare_out_dir(out_dir: Path) -> None:
+    """A reused --out folder must not present the last run's files as this run's results: the names
+    a job writes are removed first (other files are left alone); a file where the folder should be
+    is a clear error."""
+    import shutil
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise Im3dError("invalid_request", f"--out {out_dir} is a file, not a folder; give a folder path")
+    if not out_dir.exists():
+        return
+    stale = [p for p in out_dir.iterdir() if p.name in OUTPUT_NAMES or p.name.startswith("frames_round")]
+    for path in stale:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    if stale:
+        print(f"note: replaced the previous results in {out_dir} ({len(stale)} files)", file=sys.stderr)
+
+
 def _print_artifacts(artifacts: dict[str, Path]) -> None:
     for name, path in sorted(artifacts.items()):
         print(f"  {name:14s} {path}")
@@ -73,7 +105,7 @@ def _print_artifacts(artifacts: dict[str, Path]) -> None:
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     config = _resolve_config(args)
-    artifacts = run_local_job({"kind": "reconstruct", "views": args.dataset, "seed": config.pipeline.seed}, args.out, config)
+    artifacts = run_local_job(JobInputs("reconstruct", views=args.dataset), args.out, config)
     print(f"reconstructed {args.dataset} into {args.out}:")
     _print_artifacts(artifacts)
     return 0
@@ -81,7 +113,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 def cmd_refine(args: argparse.Namespace) -> int:
     config = _resolve_config(args, {"diffusion": {"refine_strengths": [args.strength]}} if args.strength else None)
-    request = {"kind": "refine", "views": args.views, "prompt": args.prompt or "", "negative_prompt": args.negative_prompt or "", "image": args.image, "seed": config.pipeline.seed}
+    request = JobInputs("refine", args.prompt or "", args.negative_prompt or "", image=args.image, views=args.views)
     artifacts = run_local_job(request, args.out, config)
     print(f"refined {args.views} into {args.out}:")
     _print_artifacts(artifacts)
@@ -89,11 +121,8 @@ def cmd_refine(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    if not args.prompt and not args.image:
-        print("error: give a prompt or --image", file=sys.stderr)
-        return 2
     config = _resolve_config(args)
-    request = {"kind": "generate", "prompt": args.prompt or "", "negative_prompt": args.negative_prompt or "", "image": args.image, "views": None, "seed": config.pipeline.seed}
+    request = JobInputs("generate", args.prompt or "", args.negative_prompt or "", image=args.image)
     artifacts = run_local_job(request, args.out, config)
     print(f"generated into {args.out}:")
     _print_artifacts(artifacts)
@@ -192,26 +221,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="fast", choices=sorted(PRESETS))
     p.set_defaults(func=cmd_demo)
 
+    from im3d.weights.cli import add_models_parser
+
+    add_models_parser(sub, _config_args)  # im3d models list | pull | verify | convert
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from im3d.cameras import DatasetError
-    from im3d.errors import Cancelled, PipelineError
-
+    """Bad input ends with `error (code): what to do` and the code's exit status, never a traceback."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
-    except DatasetError as error:
-        print(f"dataset error: {error}", file=sys.stderr)
-    except PipelineError as error:
-        print(f"error ({error.code}): {error.message}", file=sys.stderr)
     except Cancelled:
         print("cancelled", file=sys.stderr)
         return 130
-    return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - the user sees a code and a sentence; the traceback only on request
+        known = as_im3d_error(error)
+        if known is None:
+            if os.environ.get("IM3D_DEBUG"):
+                raise
+            known = Im3dError("internal_error", f"unexpected error: {type(error).__name__}: {error}; run again with IM3D_DEBUG=1 for the traceback and report it")
+        print(f"error ({known.code}): {known.message}", file=sys.stderr)
+        return exit_code(known.code)
 
 
 if __name__ == "__main__":

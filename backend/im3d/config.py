@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import sys
 import types
 import typing
@@ -39,20 +40,21 @@ class DiffusionConfig:
     enabled: bool = True  # off: no generative model is used (reconstruct/refine from views only)
     text_to_image_model: str = "stabilityai/sdxl-turbo"  # diffusers model id or local folder
     orbit_model: str = "stabilityai/sv3d"  # orbit-video model (diffusers layout) id or folder
+    orbit_profile: Literal["auto", "sv3d_p", "sv3d_u", "custom"] = "auto"  # orbit model's trained settings (diffusion/profiles.py); auto: from orbit_model
     models_dir: str = ""  # extra folder searched for models before the Hugging Face cache
-    num_views: int = 16  # frames in the turntable video (paper: 16)
+    num_views: int = 21  # frames in the turntable video; unset: the orbit profile's (SV3D: 21; paper: 16)
     elevation_deg: float = 10.0  # camera elevation of the orbit, degrees
     image_size: int = 576  # resolution the orbit model generates at (SV3D: 576)
     text_to_image_steps: int = 4  # denoising steps of the text-to-image model
     text_to_image_guidance: float = 0.0  # classifier-free guidance of text-to-image (0: turbo)
-    orbit_steps: int = 25  # denoising steps of the orbit-video model
+    orbit_steps: int = 50  # denoising steps of the orbit-video model; unset: the profile's (SV3D reference sampler: 50)
     min_guidance: float = 1.0  # SV3D-style linearly increasing guidance: first frame
     max_guidance: float = 2.5  # ... last frame
     refine_strengths: list[float] = field(default_factory=lambda: [0.5, 0.3])  # per round
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: bf16/fp16 on GPU
     cpu_offload: bool = False  # move submodels to the GPU only while they run (small GPUs)
     vae_decode_chunk: int = 8  # frames decoded at once by the VAE (lower: less memory)
-    text_to_image_size: int = 0  # side of the text-to-image output; 0: the model's default
+    text_to_image_size: int = 0  # side of the text-to-image output; 0: the size the model was trained at (sdxl-turbo: 512), else its default
     orbit_fov_deg: float = 33.8  # field of view of the orbit model's cameras (SV3D: 33.8)
     frame_fill: float = 0.85  # share of the frame side the centred object spans (sets camera distance)
     guidance_profile: Literal["triangle", "linear"] = "triangle"  # guidance over frames (SV3D: triangle)
@@ -90,7 +92,6 @@ class ReconConfig:
     lr_opacities: float = 5e-2  # learning rate of logit-opacities
     lr_colors: float = 2.5e-3  # learning rate of SH degree-0 colours (higher degrees / 20)
     background: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # RGB behind splats
-    seed: int = 0  # random seed of initialisation and view sampling
 
 
 @dataclass
@@ -99,8 +100,13 @@ class MeshConfig:
     threshold: float = 0.0  # absolute density iso-level; 0: automatic (threshold_fraction of the local peak)
     threshold_fraction: float = 0.3  # automatic iso-level, as a share of the locally normalised density
     fill_cavities: bool = True  # fill closed interior voids so a sheet of splats gives one outer surface
-    snap_to_splats: bool = True  # move vertices inward onto the density ridge (the splats' centres)
+    snap_to_splats: bool = False  # method "density" only: move vertices inward onto the density ridge
+    method: Literal["tsdf", "density"] = "tsdf"  # surface from fused rendered splat depth, or the density iso-level
+    extra_views: int = 32  # tsdf: views around the object whose rendered depth is fused besides the fitted views
+    truncation_voxels: float = 2.0  # tsdf: signed distances are clamped to this many voxels
+    carve_with_masks: bool = True  # tsdf: voxels outside any fitted view's mask are empty (space carving)
     bake_texture: bool = True  # UV atlas + albedo texture; false: vertex colours only
+    texture_from_views: bool = True  # texels take the colour of the job's views that see them; false: splat colours only
     min_component_fraction: float = 0.02  # drop components with fewer faces than this share
     smooth_iterations: int = 2  # Taubin smoothing passes after marching cubes
     face_budget: int = 50_000  # decimate to at most this many faces
@@ -112,7 +118,7 @@ class MeshConfig:
 class PipelineConfig:
     refinement_rounds: int = 2  # re-diffuse + re-fit rounds after the first fit (paper: 2-3)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # where the models and splats run
-    seed: int = 0  # seed of the generative models
+    seed: int = 0  # the one seed of a job: generative models, splat initialisation, view sampling, densification
     preview_every: int = 50  # fitting steps between preview images
     object_size: float = 1.0  # generated objects are scaled to about this size, in metres
 
@@ -126,6 +132,16 @@ class ServerConfig:
     token_file: str = ""  # bearer token file; empty: beside jobs_dir, created when absent
     max_upload_mb: int = 256  # largest accepted upload
     max_queue: int = 16  # queued jobs beyond the running one
+    max_image_pixels: int = 4096 * 4096  # largest image (width x height) an upload may hold, read from its header
+    max_frames: int = 512  # most images a views upload may list, all splits together
+    max_upload_pixels: int = 512 * 2048 * 2048  # decoded pixels of all images of one upload together
+    executor: Literal["local", "ray"] = "local"  # local: one in-process worker; ray: worker actors on a Ray cluster (docs/scale-out.md)
+    ray_address: str = ""  # ray: the cluster to join ("auto", "<head>:6379", "ray://<head>:10001"); empty: start a local one
+    ray_workers: int = 1  # ray: worker actors in the pool, each runs one job at a time
+    ray_num_gpus: float = 1.0  # ray: GPUs each worker actor reserves (0: CPU-only workers)
+    ray_resource: str = ""  # ray: a custom resource each worker also reserves one unit of (pins workers to labelled nodes)
+    tokens_file: str = ""  # per-artist tokens, one "name token" per line, re-read on change; empty: the single token_file
+    max_queue_per_artist: int = 4  # queued jobs one artist may have waiting (fair queueing across artists)
 
 
 @dataclass
@@ -191,6 +207,9 @@ def load_config(
         _merge(data, dict(overrides))
     for assignment in assignments or []:
         _merge(data, parse_assignment(assignment))
+    from im3d.diffusion.profiles import apply_orbit_profile  # pure Python; fills the orbit settings left unset
+
+    apply_orbit_profile(data, ConfigError)
     return config_from_dict(data)
 
 
@@ -299,8 +318,108 @@ def _check(condition: bool, path: str, message: str) -> None:
         raise ConfigError(f"{path}: {message}")
 
 
+# Allowed range of every numeric setting, [low, high]. The upper bounds keep what one job can ask
+# for finite: no setting may make a job run for days, allocate without bound or hang the worker.
+# tests/test_hardening.py fails for a numeric setting missing here.
+RANGES: dict[str, tuple[float, float]] = {
+    "diffusion.num_views": (2, 64),
+    "diffusion.elevation_deg": (-89, 89),
+    "diffusion.image_size": (64, 1024),
+    "diffusion.text_to_image_steps": (1, 200),
+    "diffusion.text_to_image_guidance": (0, 50),
+    "diffusion.orbit_steps": (1, 500),
+    "diffusion.min_guidance": (0, 50),
+    "diffusion.max_guidance": (0, 50),
+    "diffusion.refine_strengths": (0, 1),
+    "diffusion.vae_decode_chunk": (1, 64),
+    "diffusion.text_to_image_size": (0, 2048),
+    "diffusion.orbit_fov_deg": (1, 120),
+    "diffusion.frame_fill": (0.1, 1),
+    "diffusion.cond_aug": (0, 1),
+    "diffusion.background_threshold": (0, 1),
+    "recon.image_size": (16, 2048),
+    "recon.steps": (1, 100_000),
+    "recon.refine_steps": (0, 100_000),
+    "recon.init_points": (1, 2_000_000),
+    "recon.init_radius": (1e-6, 10),
+    "recon.init_scale": (1e-6, 10),
+    "recon.sh_degree": (0, 3),
+    "recon.views_per_step": (0, 1024),
+    "recon.lpips_weight": (0, 1000),
+    "recon.msssim_weight": (0, 1000),
+    "recon.mask_weight": (0, 1000),
+    "recon.l1_weight": (0, 1000),
+    "recon.l2_weight": (0, 1000),
+    "recon.densify_every": (1, 100_000),
+    "recon.densify_start": (0, 100_000),
+    "recon.densify_stop_fraction": (0, 1),
+    "recon.densify_grad_threshold": (0, 1),
+    "recon.prune_opacity": (0, 1),
+    "recon.max_gaussians": (1, 10_000_000),
+    "recon.lr_means": (0, 1),
+    "recon.lr_scales": (0, 1),
+    "recon.lr_quats": (0, 1),
+    "recon.lr_opacities": (0, 1),
+    "recon.lr_colors": (0, 1),
+    "recon.background": (0, 1),
+    "mesh.grid_resolution": (16, 1024),
+    "mesh.threshold": (0, 1e6),
+    "mesh.threshold_fraction": (0, 1),
+    "mesh.extra_views": (0, 512),
+    "mesh.truncation_voxels": (0.5, 16),
+    "mesh.min_component_fraction": (0, 1),
+    "mesh.smooth_iterations": (0, 100),
+    "mesh.face_budget": (100, 10_000_000),
+    "mesh.texture_size": (64, 8192),
+    "mesh.texture_padding": (0, 256),
+    "pipeline.refinement_rounds": (0, 10),
+    "pipeline.seed": (0, 2**32 - 1),
+    "pipeline.preview_every": (1, 1_000_000),
+    "pipeline.object_size": (1e-4, 1000),
+    "server.port": (0, 65535),
+    "server.max_upload_mb": (1, 65536),
+    "server.max_queue": (0, 10_000),
+    "server.max_image_pixels": (1, 1 << 30),
+    "server.max_frames": (1, 100_000),
+    "server.max_upload_pixels": (1, 1 << 34),
+    "server.ray_workers": (1, 4096),
+    "server.ray_num_gpus": (0, 64),
+    "server.max_queue_per_artist": (1, 10_000),
+}
+
+
+def _numbers(config: Config):
+    """(dotted path, key in RANGES, value) of every numeric setting; list elements one by one."""
+    for section in dataclasses.fields(config):
+        node = getattr(config, section.name)
+        for item in dataclasses.fields(node):
+            key = f"{section.name}.{item.name}"
+            value = getattr(node, item.name)
+            pairs = [(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else [(key, value)]
+            for path, v in pairs:
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    yield path, key, v
+
+
+def check_ranges(config: Config, finite_only: bool = False) -> None:
+    """Every number finite and (unless `finite_only`) within its RANGES entry."""
+    for path, key, v in _numbers(config):
+        if not math.isfinite(v):
+            raise ConfigError(f"{path}: must be a finite number, got {v}")
+        if not finite_only and key in RANGES:
+            low, high = RANGES[key]
+            if not low <= v <= high:
+                raise ConfigError(f"{path}: must be within [{low:g}, {high:g}], got {v:g}")
+
+
 def validate(config: Config) -> None:
-    """Range checks that types alone cannot express."""
+    """Range checks that types alone cannot express; then every number against RANGES."""
+    check_ranges(config, finite_only=True)
+    _validate_relations(config)
+    check_ranges(config)
+
+
+def _validate_relations(config: Config) -> None:
     d, r, m, p, s = config.diffusion, config.recon, config.mesh, config.pipeline, config.server
     _check(d.num_views >= 2, "diffusion.num_views", f"must be at least 2, got {d.num_views}")
     _check(-89 <= d.elevation_deg <= 89, "diffusion.elevation_deg", "must be within [-89, 89] degrees")
@@ -341,12 +460,17 @@ def validate(config: Config) -> None:
     _check(m.face_budget >= 100, "mesh.face_budget", f"must be at least 100, got {m.face_budget}")
     _check(64 <= m.texture_size <= 8192, "mesh.texture_size", "must be within 64..8192")
     _check(m.texture_padding >= 0, "mesh.texture_padding", "must not be negative")
+    _check(0 <= m.extra_views <= 512, "mesh.extra_views", f"must be within 0..512, got {m.extra_views}")
+    _check(0.5 <= m.truncation_voxels <= 16, "mesh.truncation_voxels", f"must be within [0.5, 16], got {m.truncation_voxels}")
     _check(p.refinement_rounds >= 0, "pipeline.refinement_rounds", "must not be negative")
     _check(p.preview_every >= 1, "pipeline.preview_every", "must be at least 1")
     _check(p.object_size > 0, "pipeline.object_size", "must be positive")
     _check(1 <= s.port <= 65535, "server.port", f"must be a TCP port (1..65535), got {s.port}")
     _check(s.max_upload_mb >= 1, "server.max_upload_mb", "must be at least 1")
     _check(s.max_queue >= 0, "server.max_queue", "must not be negative")
+    _check(s.ray_workers >= 1, "server.ray_workers", "must be at least 1")
+    _check(s.ray_num_gpus >= 0, "server.ray_num_gpus", "must not be negative")
+    _check(s.max_queue_per_artist >= 1, "server.max_queue_per_artist", "must be at least 1")
 
 
 def refine_strength(config: Config, round_index: int) -> float:

@@ -85,6 +85,9 @@ EXIT_CODES: dict[str, int] = {
     "invalid_views": 3,
     "invalid_splats": 3,
     "invalid_image": 3,
+    "invalid_ply": 3,
+    "file_not_found": 3,
+    "invalid_path": 3,
     "image_too_large": 3,
     "path_outside_upload": 3,
     "model_not_found": 4,
@@ -116,7 +119,7 @@ def storage_error(error: OSError, what: str, folder=None) -> Im3dError:
     )
 
 
-def as_im3d_error(error: BaseException) -> Im3dError | None:
+def as_im3d_error(error: BaseException, folder=None) -> Im3dError | None:
     """The user-facing form of errors that come from the platform rather than from our code."""
     if isinstance(error, Im3dError):
         return error
@@ -125,8 +128,19 @@ def as_im3d_error(error: BaseException) -> Im3dError | None:
     if isinstance(error, MemoryError) or (torch_oom is not None and isinstance(error, torch_oom)):
         return Im3dError("out_of_memory", "the job ran out of memory; use the fast preset or lower recon.image_size / mesh.grid_resolution")
     if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
-        return storage_error(error, "write")
+        return storage_error(error, "write", folder)
+    if isinstance(error, FileNotFoundError):
+        return Im3dError("file_not_found", f"{error.filename or error}: no such file or folder; check the path")
+    if isinstance(error, (IsADirectoryError, NotADirectoryError, FileExistsError)):
+        return Im3dError("invalid_path", f"{error.filename or error}: {error.strerror or error}; give a path of the right kind (file or folder)")
+    if _is_decompression_bomb(error):
+        return Im3dError("image_too_large", f"{error}; use smaller images (the fit uses recon.image_size pixels anyway)")
     return None
+
+
+def _is_decompression_bomb(error: BaseException) -> bool:
+    pil = sys.modules.get("PIL.Image")
+    return pil is not None and isinstance(error, pil.DecompressionBombError)
 
 
 def check_cancel(cancel) -> None:

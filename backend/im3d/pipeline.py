@@ -13,7 +13,6 @@ atomically into the job's work directory; the service writes `manifest.json` aft
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -26,10 +25,16 @@ from torch import Tensor
 
 from im3d.cameras import Cameras, MultiViewDataset, find_transforms, orbit_cameras, read_transforms
 from im3d.config import Config, refine_strength
+from im3d.device import resolve_device
 from im3d.errors import PipelineError, check_cancel
 from im3d.io_utils import atomic_write_bytes, atomic_write_json
+from im3d.request import JobInputs
 
 ProgressFn = Callable[[str, float, str, "Path | None"], None]
+
+# Below this mask IoU on its own training views a fit reconstructed nothing (any object fitted for
+# even a few dozen steps scores far above it); the job fails instead of calling it a result.
+MIN_TRAIN_MASK_IOU = 0.02
 
 # Relative cost of the stages, for one overall progress fraction.
 STAGE_WEIGHTS = {
@@ -41,20 +46,6 @@ STAGE_WEIGHTS = {
     "mesh": 0.08,
     "export": 0.02,
 }
-
-
-def pick_device(requested: str) -> torch.device:
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("device_unavailable", "pipeline.device is 'cuda' but no CUDA GPU is available; use 'auto' or 'cpu'")
-    if requested == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise PipelineError("device_unavailable", "pipeline.device is 'mps' but Apple MPS is not available; use 'auto' or 'cpu'")
-    return torch.device(requested)
 
 
 class StageProgress:
@@ -136,9 +127,16 @@ class JobOutput:
     evaluations: int = 0  # generative-model network evaluations (the paper's efficiency measure)
 
 
-def run_job(request: dict, workdir: Path, config: Config, progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None) -> dict[str, Path]:
-    """Run one job; returns artifact name -> path inside `workdir` (see module docstring)."""
-    kind = request.get("kind")
+def run_job(request: JobInputs, workdir: Path, config: Config, progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None) -> dict[str, Path]:
+    """Run one job; returns artifact name -> path inside `workdir` (see module docstring).
+
+    The seed of every random choice is `config.pipeline.seed`; the request carries no seed.
+    """
+    from im3d.memory import check_memory
+
+    request.check(config.diffusion.enabled)
+    kind = request.kind
+    check_memory(config, kind, request.views, resolve_device(config.pipeline.device).type)  # before any work
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if kind == "reconstruct" or (kind == "refine" and not config.diffusion.enabled):
@@ -156,27 +154,61 @@ def run_job(request: dict, workdir: Path, config: Config, progress: ProgressFn |
 # Shared stages
 
 
-def _load_views(request: dict, report: StageProgress, config: Config) -> tuple[MultiViewDataset, MultiViewDataset | None]:
-    from im3d.cameras import DatasetError
-
-    views = request.get("views")
-    if views is None:
-        raise PipelineError("invalid_request", f"a {request.get('kind')} job needs a views dataset (a folder with transforms.json)")
+def _load_views(request: JobInputs, report: StageProgress, config: Config, cancel=None) -> tuple[MultiViewDataset, MultiViewDataset | None]:
+    """The job's views, decoded straight to the size the job uses (memory follows the config, not
+    the files), and checked: views that cannot make an object fail here with a code that says why."""
+    views = request.views
     report("load", 0.0, "reading views")
-    try:
-        train = read_transforms(views, "train")
-    except DatasetError as error:
-        raise PipelineError("invalid_views", f"the views dataset cannot be used: {error}") from None
+    size = config.recon.image_size
+    if request.kind == "refine" and config.diffusion.enabled:
+        size = max(size, config.diffusion.image_size)  # the reference view feeds the orbit model
+    limit = config.server.max_image_pixels
+    train = read_transforms(views, "train", max_size=size, max_pixels=limit, cancel=cancel)
     test = None
-    try:
-        find_transforms(views, "test")
-        test = read_transforms(views, "test")
-    except DatasetError:
-        test = None  # held-out views are optional
-    if bool((train.masks < 0.5).all()):
-        raise PipelineError("no_object_found", "no object found: every pixel of every view is transparent (alpha 0)")
+    if _has_split(views, "test"):  # held-out views are optional; when present they must be valid
+        test = read_transforms(views, "test", max_size=config.recon.image_size, max_pixels=limit, cancel=cancel)
+    check_views_usable(train)
     report("load", 1.0, f"{len(train.cameras)} views of {train.cameras.width}x{train.cameras.height}")
     return train, test
+
+
+def _has_split(views: Path, split: str) -> bool:
+    from im3d.cameras import DatasetError
+
+    try:
+        return find_transforms(views, split) is not None
+    except DatasetError:
+        return False
+
+
+def check_views_usable(train: MultiViewDataset) -> None:
+    """Refuse views from which no object can be fitted, instead of reporting garbage as success."""
+    if bool((train.masks < 0.5).all()):
+        raise PipelineError("no_object_found", "no object found: every pixel of every view is transparent (alpha 0)")
+    if bool((train.masks > 0.999).all()):
+        raise PipelineError(
+            "no_alpha",
+            "no view has transparency: the alpha channel is the object's mask; render the views with a transparent "
+            "background (Blender: Film > Transparent) and save RGBA PNGs",
+        )
+    centers = train.cameras.centers().double()
+    spread = float((centers - centers.mean(0)).norm(dim=1).max())
+    if len(centers) < 2 or spread <= 1e-6 * (1.0 + float(centers.norm(dim=1).max())):
+        raise PipelineError(
+            "degenerate_cameras",
+            f"all {len(centers)} cameras sit at one position, so the views hold no 3D information; "
+            "check the transform_matrix of each frame (they should orbit the object)",
+        )
+
+
+def check_fit_result(train_metrics: dict[str, float]) -> None:
+    """A fit whose own training views say nothing was reconstructed is not a result."""
+    if train_metrics.get("mask_iou", 1.0) < MIN_TRAIN_MASK_IOU:
+        raise PipelineError(
+            "reconstruction_failed",
+            f"the fitted splats do not cover the object in the training views (mask IoU {train_metrics['mask_iou']:.3f}); "
+            "check that the views' alpha masks and cameras belong together, or raise recon.steps",
+        )
 
 
 def _fit(fitter, steps: int, stage: str, report: StageProgress, workdir: Path, config: Config, cancel, label: str) -> dict[str, Any]:
@@ -193,7 +225,9 @@ def _fit(fitter, steps: int, stage: str, report: StageProgress, workdir: Path, c
     return {"steps": result.steps, "loss": result.final_loss, "seconds": result.seconds, "gaussians": result.num_gaussians, "rollbacks": result.rollbacks}
 
 
-def _mesh_and_export(fitter, workdir: Path, config: Config, report: StageProgress, cancel, output: JobOutput) -> None:
+def _mesh_and_export(fitter, workdir: Path, config: Config, report: StageProgress, cancel, output: JobOutput, views=None) -> None:
+    """Mesh the splats; `views` (cameras, images, masks: the views the splats were last fitted to)
+    are back-projected into the texture."""
     from im3d.mesh import export_glb, mesh_from_splats
     from im3d.mesh.errors import MeshingError
     from im3d.splats.ply import write_ply
@@ -203,7 +237,7 @@ def _mesh_and_export(fitter, workdir: Path, config: Config, report: StageProgres
     splats = {k: v.detach().cpu() for k, v in fitter.splats.items()}
     started = time.perf_counter()
     try:
-        result = mesh_from_splats(splats, config.mesh, progress=lambda f, m: report("mesh", f, m), cancel=cancel)
+        result = mesh_from_splats(splats, config.mesh, progress=lambda f, m: report("mesh", f, m), cancel=cancel, views=views)
         export_glb(result, workdir / "mesh.glb")
     except MeshingError as error:
         code = "no_object_found" if error.code == "no_surface" else f"mesh_{error.code}"
@@ -237,23 +271,24 @@ def _finish(workdir: Path, config: Config, output: JobOutput) -> None:
 # The three kinds of job
 
 
-def reconstruct(request: dict, workdir: Path, config: Config, progress: ProgressFn | None, cancel) -> JobOutput:
+def reconstruct(request: JobInputs, workdir: Path, config: Config, progress: ProgressFn | None, cancel) -> JobOutput:
     """Views → fit → mesh. No generative model: runs anywhere, with no weights but LPIPS's backbone."""
     from im3d.splats.fit import SplatFitter
 
     report = StageProgress(["load", "fit", "mesh", "export"], progress)
     output = JobOutput()
-    device = pick_device(config.pipeline.device)
-    train, test = _load_views(request, report, config)
+    device = resolve_device(config.pipeline.device)
+    train, test = _load_views(request, report, config, cancel)
     check_cancel(cancel)
     started = time.perf_counter()
-    fitter = SplatFitter(config.recon, train.cameras, train.images, train.masks, device, lpips_model(config, device))
+    fitter = SplatFitter(config.recon, train.cameras, train.images, train.masks, device, lpips_model(config, device), seed=config.pipeline.seed)
     output.metrics["fit"] = _fit(fitter, config.recon.steps, "fit", report, workdir, config, cancel, "fitting splats")
     output.timings["fit_s"] = time.perf_counter() - started
     if test is not None:
         output.metrics["heldout"] = fitter.evaluate(test.cameras, test.images, test.masks)
     output.metrics["train"] = fitter.evaluate(train.cameras, train.images, train.masks)
-    _mesh_and_export(fitter, workdir, config, report, cancel, output)
+    check_fit_result(output.metrics["train"])
+    _mesh_and_export(fitter, workdir, config, report, cancel, output, views=train)
     _finish(workdir, config, output)
     return output
 
@@ -273,12 +308,18 @@ def _object_extent(fitter) -> tuple[Tensor, float]:
     return (lo + hi) / 2, float((hi - lo).norm())
 
 
-def _rediffusion_rounds(fitter, reference, cameras: Cameras, rounds: int, config: Config, request: dict,
-                        report: StageProgress, workdir: Path, cancel, output: JobOutput) -> None:
-    """IM-3D's loop: render the splats at the orbit's cameras, re-diffuse at the round's strength, keep fitting."""
-    from im3d.diffusion import rediffuse
+def _rediffusion_rounds(fitter, reference, cameras: Cameras, rounds: int, config: Config, request: JobInputs,
+                        report: StageProgress, workdir: Path, cancel, output: JobOutput):
+    """IM-3D's loop: render the splats at the orbit's cameras, re-diffuse at the round's strength, keep fitting.
 
-    seed = int(request.get("seed") or config.pipeline.seed)
+    Returns the last round's frames as views (cameras, images, masks) for the texture bake.
+    """
+    from im3d.diffusion import rediffuse
+    from im3d.mesh.bake_views import ViewImages
+
+    last = None
+
+    seed = config.pipeline.seed
     size = config.diffusion.image_size
     for k in range(rounds):
         strength = refine_strength(config, k)
@@ -294,10 +335,12 @@ def _rediffusion_rounds(fitter, reference, cameras: Cameras, rounds: int, config
         preview = _save_frames(workdir, f"frames_round{k + 1}.png", frames.images, output)
         sub(0.4, "fitting the re-diffused views", preview)
         fitter.set_targets(frames.images, frames.masks, cameras)
+        last = ViewImages(cameras, frames.images, frames.masks)
         started = time.perf_counter()
         stats = _fit(fitter, config.recon.refine_steps, "refine", _SubStage(sub, 0.4, 1.0), workdir, config, cancel, "re-fitting")
         output.metrics.setdefault("refine_rounds", []).append({"strength": strength, "evaluations": frames.evaluations, **stats})
         output.timings[f"refine_round{k + 1}_s"] = time.perf_counter() - started
+    return last
 
 
 class _SubStage:
@@ -310,36 +353,32 @@ class _SubStage:
         self.sub(self.start + (self.end - self.start) * fraction, message, preview)
 
 
-def generate(request: dict, workdir: Path, config: Config, progress: ProgressFn | None, cancel) -> JobOutput:
+def generate(request: JobInputs, workdir: Path, config: Config, progress: ProgressFn | None, cancel) -> JobOutput:
     """Prompt or image → reference → orbit video → fit → re-diffusion rounds → mesh."""
     from PIL import Image, UnidentifiedImageError
 
     from im3d.diffusion import generate_orbit, generate_reference_image, prepare_reference
     from im3d.splats.fit import SplatFitter
 
-    if not config.diffusion.enabled:
-        raise PipelineError("invalid_request", "generate needs the diffusion stage, but diffusion.enabled is false")
     rounds = config.pipeline.refinement_rounds
     stages = ["reference", "orbit", "fit"] + (["refine"] if rounds > 0 else []) + ["mesh", "export"]
     report = StageProgress(stages, progress)
     output = JobOutput()
-    device = pick_device(config.pipeline.device)
-    seed = int(request.get("seed") if request.get("seed") is not None else config.pipeline.seed)
+    device = resolve_device(config.pipeline.device)
+    seed = config.pipeline.seed
 
     # 1. Reference image: the user's, or text-to-image.
     started = time.perf_counter()
-    if request.get("image"):
+    if request.image is not None:
         report("reference", 0.0, "preparing the reference image")
         try:
-            with Image.open(request["image"]) as image:
+            with Image.open(request.image) as image:
                 reference = prepare_reference(image.convert("RGBA") if image.mode in ("RGBA", "LA", "P") else image.convert("RGB"), config)
         except (UnidentifiedImageError, OSError) as error:
             raise PipelineError("invalid_image", f"the reference image cannot be read: {error}") from None
     else:
-        if not (request.get("prompt") or "").strip():
-            raise PipelineError("invalid_request", "generate needs a prompt or an image")
         reference = generate_reference_image(
-            request["prompt"], request.get("negative_prompt") or "", config, seed,
+            request.prompt, request.negative_prompt, config, seed,
             progress=lambda f, m: report("reference", f, m), cancel=cancel,
         )
     output.evaluations += reference.evaluations
@@ -362,22 +401,23 @@ def generate(request: dict, workdir: Path, config: Config, progress: ProgressFn 
 
     # 3. Fit splats to the frames.
     started = time.perf_counter()
-    fitter = SplatFitter(config.recon, frames.cameras, frames.images, frames.masks, device, lpips_model(config, device))
+    fitter = SplatFitter(config.recon, frames.cameras, frames.images, frames.masks, device, lpips_model(config, device), seed=config.pipeline.seed)
     output.metrics["fit"] = _fit(fitter, config.recon.steps, "fit", report, workdir, config, cancel, "fitting splats")
     output.timings["fit_s"] = time.perf_counter() - started
 
     # 4. Refinement rounds.
+    views = frames  # the texture comes from the frames the splats were last fitted to
     if rounds > 0:
-        _rediffusion_rounds(fitter, reference, frames.cameras, rounds, config, request, report, workdir, cancel, output)
+        views = _rediffusion_rounds(fitter, reference, frames.cameras, rounds, config, request, report, workdir, cancel, output)
     output.metrics["final_fit"] = fitter.evaluate(frames.cameras, frames.images, frames.masks)
 
     # 5-6. Mesh, texture, artifacts.
-    _mesh_and_export(fitter, workdir, config, report, cancel, output)
+    _mesh_and_export(fitter, workdir, config, report, cancel, output, views=views)
     _finish(workdir, config, output)
     return output
 
 
-def refine(request: dict, workdir: Path, config: Config, progress: ProgressFn | None, cancel) -> JobOutput:
+def refine(request: JobInputs, workdir: Path, config: Config, progress: ProgressFn | None, cancel) -> JobOutput:
     """Views of an existing object → fit → re-diffuse orbit renders at the chosen strength → fit → mesh."""
     from PIL import Image, UnidentifiedImageError
 
@@ -387,13 +427,13 @@ def refine(request: dict, workdir: Path, config: Config, progress: ProgressFn | 
     rounds = max(1, config.pipeline.refinement_rounds)
     report = StageProgress(["load", "fit", "refine", "mesh", "export"], progress)
     output = JobOutput()
-    device = pick_device(config.pipeline.device)
-    train, test = _load_views(request, report, config)
+    device = resolve_device(config.pipeline.device)
+    train, test = _load_views(request, report, config, cancel)
 
     # The reference: the user's image, else the view closest to the front (azimuth 0, camera on -Y).
-    if request.get("image"):
+    if request.image is not None:
         try:
-            with Image.open(request["image"]) as image:
+            with Image.open(request.image) as image:
                 reference = prepare_reference(image.convert("RGBA"), config)
         except (UnidentifiedImageError, OSError) as error:
             raise PipelineError("invalid_image", f"the reference image cannot be read: {error}") from None
@@ -405,7 +445,7 @@ def refine(request: dict, workdir: Path, config: Config, progress: ProgressFn | 
     output.artifacts["reference.png"] = save_png(workdir / "reference.png", torch.cat([reference.rgb, reference.mask], -1))
 
     started = time.perf_counter()
-    fitter = SplatFitter(config.recon, train.cameras, train.images, train.masks, device, lpips_model(config, device))
+    fitter = SplatFitter(config.recon, train.cameras, train.images, train.masks, device, lpips_model(config, device), seed=config.pipeline.seed)
     output.metrics["fit"] = _fit(fitter, config.recon.steps, "fit", report, workdir, config, cancel, "fitting the object's views")
     output.timings["fit_s"] = time.perf_counter() - started
 
@@ -416,9 +456,11 @@ def refine(request: dict, workdir: Path, config: Config, progress: ProgressFn | 
         d.num_views, elevation_deg=d.elevation_deg, radius=orbit_radius(d.orbit_fov_deg, d.frame_fill, max(size, 1e-3)),
         fov_deg=d.orbit_fov_deg, width=d.image_size, target=tuple(float(x) for x in center),
     )
-    _rediffusion_rounds(fitter, reference, cameras, rounds, config, request, report, workdir, cancel, output)
+    # The texture comes from the last round's frames, not the input views: the refined splats (and
+    # so the mesh) follow those frames, and the refinement is meant to change the appearance too.
+    views = _rediffusion_rounds(fitter, reference, cameras, rounds, config, request, report, workdir, cancel, output)
     if test is not None:
         output.metrics["heldout_original"] = fitter.evaluate(test.cameras, test.images, test.masks)
-    _mesh_and_export(fitter, workdir, config, report, cancel, output)
+    _mesh_and_export(fitter, workdir, config, report, cancel, output, views=views)
     _finish(workdir, config, output)
     return output

@@ -30,6 +30,7 @@ from typing import Any, Self
 
 import torch
 
+from im3d.device import resolve_device
 from im3d.errors import ModelNotFoundError
 
 DOCS_HINT = "see docs/diffusion.md"
@@ -37,19 +38,6 @@ DOCS_HINT = "see docs/diffusion.md"
 
 # ----------------------------------------------------------------------------------------------
 # Device and precision
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` picks CUDA, then Apple MPS, then the CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("pipeline.device is 'cuda' but torch sees no CUDA GPU; use 'auto' or 'cpu'")
-    return torch.device(name)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

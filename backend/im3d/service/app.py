@@ -6,6 +6,7 @@ Nothing here imports torch: the job worker imports the pipeline on the first job
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,8 +19,9 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from im3d import PROTOCOL_VERSION, __version__
-from im3d.config import Config
+from im3d.config import PRESETS, Config, load_config
 from im3d.errors import Im3dError, http_status, storage_error
+from im3d.request import JobRequest
 from im3d.service.auth import GuardMiddleware, error_response
 from im3d.service.schemas import (
     ErrorDetail,
@@ -27,8 +29,8 @@ from im3d.service.schemas import (
     Health,
     JobCreated,
     JobList,
-    JobRequest,
     JobStatus,
+    Presets,
     UploadResult,
 )
 from im3d.service.store import JobStore
@@ -36,6 +38,16 @@ from im3d.service.uploads import detect_upload_kind
 from im3d.service.worker import JobManager, RunFn
 
 log = logging.getLogger("im3d.server")
+
+
+def preset_table() -> dict[str, Any]:
+    """{default, presets: {name: {overrides, values}}}; values are `load_config(name)` less `server`."""
+    table = {}
+    for name, overrides in PRESETS.items():
+        values = load_config(name).to_dict()
+        values.pop("server")
+        table[name] = {"overrides": json.loads(json.dumps(overrides)), "values": values}
+    return {"default": "standard", "presets": table}
 
 UPLOAD_TYPES = ("image/png", "image/jpeg", "application/zip")
 ARTIFACT_TYPES = {".glb": "model/gltf-binary", ".png": "image/png", ".json": "application/json", ".ply": "application/octet-stream"}
@@ -119,7 +131,12 @@ def create_app(config: Config, token: str, run_fn: RunFn | None = None, jobs_dir
     from im3d.service.serving import resolve_jobs_dir
 
     store = JobStore(jobs_dir or resolve_jobs_dir(config))
-    manager = JobManager(store, run_fn=run_fn, config=config)
+    if config.server.executor == "ray":
+        from im3d.service.ray_executor import RayJobManager  # Ray is imported only when asked for
+
+        manager = RayJobManager(store, run_fn=run_fn, config=config)
+    else:
+        manager = JobManager(store, run_fn=run_fn, config=config)
     max_upload = config.server.max_upload_mb * (1 << 20)
 
     @asynccontextmanager
@@ -129,6 +146,7 @@ def create_app(config: Config, token: str, run_fn: RunFn | None = None, jobs_dir
             yield
         finally:
             await anyio.to_thread.run_sync(manager.shutdown)
+            await anyio.to_thread.run_sync(model_pulls.shutdown)  # a running model pull stops between chunks
 
     app = FastAPI(
         title="IM-3D backend",
@@ -141,7 +159,16 @@ def create_app(config: Config, token: str, run_fn: RunFn | None = None, jobs_dir
     )
     app.state.manager = manager
     app.state.store = store
-    app.add_middleware(GuardMiddleware, token=token, allow_remote=config.server.allow_remote)
+    from im3d.service.models_routes import PullTasks, models_router  # /v1/models: list and pull (im3d.weights)
+
+    model_pulls = app.state.model_pulls = PullTasks()
+    app.include_router(models_router(manager, model_pulls))
+    tokens = None
+    if config.server.tokens_file:
+        from im3d.service.tokens import TokenBook  # per-artist tokens (a studio); the backend's own stays valid
+
+        tokens = TokenBook(config.server.tokens_file, local_token=token)
+    app.add_middleware(GuardMiddleware, token=token, allow_remote=config.server.allow_remote, tokens=tokens)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Im3dError, on_im3d_error)
@@ -156,6 +183,8 @@ def create_app(config: Config, token: str, run_fn: RunFn | None = None, jobs_dir
             "models_loaded": manager.models_loaded(),
             "queue_length": manager.queue_length,
             "running_job": manager.running_job,
+            "executor": manager.executor_name,
+            "workers": manager.workers(),
         }
 
     upload_body = {
@@ -203,7 +232,7 @@ def create_app(config: Config, token: str, run_fn: RunFn | None = None, jobs_dir
             kind = detect_upload_kind(content_type, head)
             filename = request.headers.get("x-filename", "")
             meta = await anyio.to_thread.run_sync(
-                store.finish_upload, upload_id, staging, content_type, kind, size, digest.hexdigest(), filename, 4 * max_upload
+                store.finish_upload, upload_id, staging, content_type, kind, size, digest.hexdigest(), filename, 4 * max_upload, config.server
             )
         except BaseException:
             await anyio.to_thread.run_sync(store.discard, staging)
@@ -212,8 +241,14 @@ def create_app(config: Config, token: str, run_fn: RunFn | None = None, jobs_dir
         return {"upload_id": upload_id, "size": meta["size"], "sha256": meta["sha256"], "kind": kind}
 
     @app.post("/v1/jobs", status_code=201, response_model=JobCreated)
-    def create_job(body: JobRequest) -> dict[str, str]:
-        return {"id": manager.submit(body.model_dump())}
+    def create_job(body: JobRequest, request: Request) -> dict[str, str]:
+        artist = getattr(request.state, "artist", None) or ""  # set by GuardMiddleware from a per-artist token
+        return {"id": manager.submit(body, artist=artist)}
+
+    @app.get("/v1/presets", response_model=Presets)
+    def presets() -> dict[str, Any]:
+        """Every preset with its resolved job settings, so clients never repeat backend defaults."""
+        return preset_table()
 
     @app.get("/v1/jobs", response_model=JobList)
     def list_jobs() -> dict[str, Any]:

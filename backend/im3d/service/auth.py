@@ -36,10 +36,11 @@ def host_is_loopback(host: str) -> bool:
 
 
 class GuardMiddleware:
-    def __init__(self, app, token: str, allow_remote: bool):
+    def __init__(self, app, token: str, allow_remote: bool, tokens=None):
         self.app = app
         self.expected = f"Bearer {token}".encode()
         self.allow_remote = allow_remote
+        self.tokens = tokens  # per-artist tokens (service/tokens.TokenBook, server.tokens_file) or None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -57,7 +58,14 @@ class GuardMiddleware:
             return
         given = headers.get(b"authorization", b"")
         scheme, _, token = given.partition(b" ")
-        if not hmac.compare_digest(b"Bearer " + token.strip(), self.expected) or scheme.lower() != b"bearer":
+        if self.tokens is not None:
+            # The artist a job belongs to (fair queueing, logs) rides on the request's state.
+            artist = self.tokens.artist_for(token.strip()) if scheme.lower() == b"bearer" else None
+            authorised = artist is not None
+            scope = dict(scope, state={**scope.get("state", {}), "artist": artist})
+        else:
+            authorised = hmac.compare_digest(b"Bearer " + token.strip(), self.expected) and scheme.lower() == b"bearer"
+        if not authorised:
             reason = "missing" if not given else "wrong"
             await error_response(
                 401, "unauthorized", f"the bearer token is {reason}; send 'Authorization: Bearer <token>' with the token from the backend's token file",

@@ -6,7 +6,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-UPLOAD_ID_PATTERN = r"^[0-9a-f]{32}$"
 
 
 class ErrorDetail(BaseModel):
@@ -16,21 +15,6 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
-
-
-class JobRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    kind: Literal["generate", "refine", "reconstruct"]
-    prompt: str = Field("", max_length=2000)
-    negative_prompt: str = Field("", max_length=2000)
-    image: str | None = Field(None, pattern=UPLOAD_ID_PATTERN, description="upload_id of a PNG/JPEG upload")
-    views: str | None = Field(None, pattern=UPLOAD_ID_PATTERN, description="upload_id of a views zip upload")
-    seed: int | None = Field(None, ge=0, le=2**32 - 1)
-    preset: Literal["fast", "standard", "high"] = "standard"
-    overrides: dict[Literal["diffusion", "recon", "mesh", "pipeline", "server"], dict[str, Any]] = Field(
-        default_factory=dict, description="{section: {key: value}} applied on top of the preset"
-    )
 
 
 class JobCreated(BaseModel):
@@ -58,10 +42,28 @@ class JobStatus(BaseModel):
     started: float | None
     finished: float | None
     request: dict[str, Any]
+    # ray executor only (null with local): 1-based place in the fair queue while queued, the worker
+    # and attempt (a job whose worker died is retried once), the artist whose token submitted it.
+    queue_position: int | None = None
+    worker: str | None = None
+    attempt: int | None = None
+    artist: str | None = None
 
 
 class JobList(BaseModel):
     jobs: list[JobStatus]
+
+
+class WorkerStatus(BaseModel):
+    """One worker: the backend process itself (local) or a worker actor (ray)."""
+
+    model_config = ConfigDict(extra="allow")  # ray adds node, pid, gpus, jobs_done
+
+    name: str
+    alive: bool
+    device: str | None = None
+    models_loaded: list[str] = Field(default_factory=list)
+    running_job: str | None = None
 
 
 class Health(BaseModel):
@@ -71,6 +73,8 @@ class Health(BaseModel):
     models_loaded: list[str]
     queue_length: int
     running_job: str | None
+    executor: Literal["local", "ray"] = "local"  # server.executor
+    workers: list[WorkerStatus] = Field(default_factory=list)
 
 
 class UploadResult(BaseModel):
@@ -79,3 +83,13 @@ class UploadResult(BaseModel):
     sha256: str
     kind: Literal["image", "views"]
 
+
+
+class Preset(BaseModel):
+    overrides: dict[str, dict[str, Any]]  # what the preset changes relative to the defaults
+    values: dict[str, dict[str, Any]]  # the resolved settings of every job section
+
+
+class Presets(BaseModel):
+    default: str
+    presets: dict[str, Preset]

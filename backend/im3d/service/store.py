@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from im3d import __version__
+from im3d.config import ServerConfig
 from im3d.errors import Im3dError, storage_error
 from im3d.io_utils import atomic_write_json
 from im3d.service.uploads import (
     UPLOAD_ID_RE,
+    check_image_upload,
     check_views_dataset,
     extract_zip_safely,
     find_views_root,
@@ -243,7 +245,7 @@ class JobStore:
         return upload_id, staging
 
     def finish_upload(
-        self, upload_id: str, staging: Path, content_type: str, kind: str, size: int, digest: str, filename: str, max_unpacked: int
+        self, upload_id: str, staging: Path, content_type: str, kind: str, size: int, digest: str, filename: str, max_unpacked: int, limits=None
     ) -> dict[str, Any]:
         """Validate and (for zips) unpack a staged upload, then move it into place atomically."""
         meta = {
@@ -256,10 +258,12 @@ class JobStore:
             "created": time.time(),
         }
         try:
+            if kind == "image":
+                meta["width"], meta["height"] = check_image_upload(staging / "data", limits or ServerConfig())
             if kind == "views":
                 extract_zip_safely(staging / "data", staging / "views", max_unpacked)
                 root = find_views_root(staging / "views")
-                meta["frames"] = check_views_dataset(root)
+                meta["frames"] = check_views_dataset(root, limits)
                 meta["views_root"] = root.relative_to(staging).as_posix()
                 (staging / "data").unlink()  # the unpacked folder is what jobs use
             atomic_write_json(staging / "upload.json", meta)

@@ -17,6 +17,8 @@ from im3d.errors import Im3dError
 
 UPLOAD_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 ZIP_MAX_MEMBERS = 10_000
+MAX_RATIO = 50  # most a member may expand (images compress little; text and JSON are small)
+RATIO_FREE_BYTES = 1 << 20  # members smaller than this may expand more (JSON, tiny masks)
 HASH_CHUNK = 1 << 20
 
 
@@ -84,6 +86,13 @@ def extract_zip_safely(zip_path: Path, dest: Path, max_total_bytes: int, max_mem
                 raise refuse(f"member {name!r} is a symlink, which is not allowed")
             if info.flag_bits & 0x1:
                 raise refuse(f"member {name!r} is encrypted")
+            # Before a byte is written: what the zip declares must fit, and no member may expand
+            # more than real image data can (PNG/JPEG hardly compress; a bomb expands 1000x).
+            if info.file_size > MAX_RATIO * max(info.compress_size, 1) and info.file_size > RATIO_FREE_BYTES:
+                raise refuse(f"member {name!r} would expand {info.file_size // max(info.compress_size, 1)}x, which is a zip bomb, not images")
+        declared = sum(info.file_size for info in infos)
+        if declared > max_total_bytes:
+            raise refuse(f"declares {declared // (1 << 20)} MiB unpacked, more than the {max_total_bytes // (1 << 20)} MiB allowed")
         dest.mkdir(parents=True, exist_ok=False)
         root = dest.resolve()
         total = 0
@@ -100,8 +109,12 @@ def extract_zip_safely(zip_path: Path, dest: Path, max_total_bytes: int, max_mem
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
                 with archive.open(info) as source, open(target, "xb") as out:
+                    member_total = 0
                     while chunk := source.read(HASH_CHUNK):
                         total += len(chunk)
+                        member_total += len(chunk)
+                        if member_total > info.file_size:  # more than it declared: a lying header
+                            raise refuse(f"member {info.filename!r} holds more bytes than its header declares")
                         if total > max_total_bytes:
                             raise refuse(f"unpacks to more than {max_total_bytes // (1 << 20)} MiB")
                         out.write(chunk)
@@ -134,28 +147,86 @@ def find_views_root(folder: Path) -> Path:
     )
 
 
-def check_views_dataset(root: Path) -> int:
-    """Light check of `root/transforms.json` (the pipeline does the full one); returns the frame count."""
-
-    def refuse(message: str) -> Im3dError:
-        return Im3dError("invalid_upload", f"transforms.json {message}")
+def image_size_from_header(path: Path, where: str, limits) -> tuple[int, int]:
+    """(width, height) read from the file's header, without decoding a pixel; refuses an image past
+    `limits.max_image_pixels` (server.max_image_pixels) before anything allocates for it."""
+    from PIL import Image, UnidentifiedImageError
 
     try:
-        data = json.loads(views_json(root).read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise refuse(f"is not valid JSON ({error}); export the views again") from None
-    frames = data.get("frames") if isinstance(data, dict) else None
-    if not isinstance(frames, list) or not frames:
-        raise refuse("has no 'frames' list; it needs one entry per image with file_path and transform_matrix")
-    for index, frame in enumerate(frames):
-        file_path = frame.get("file_path") if isinstance(frame, dict) else None
-        if not isinstance(file_path, str) or not file_path:
-            raise refuse(f"frame {index} has no 'file_path' string")
-        relative = file_path[2:] if file_path.startswith("./") else file_path
-        candidates = [relative] if PurePosixPath(relative).suffix else [relative, relative + ".png"]
-        if not any(regular_file_inside(root, c) for c in candidates):
-            raise refuse(f"frame {index} names {file_path!r}, which is not a file inside the zip; include every image it lists")
-    return len(frames)
+        with Image.open(path) as image:  # lazy: reads the header only
+            width, height = image.size
+    except Image.DecompressionBombError:
+        width, height = (1 << 20), (1 << 20)  # PIL saw a size past its own limit: refuse below
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise Im3dError("invalid_upload", f"{where} is not a readable PNG or JPEG image ({error}); export it again") from None
+    if width * height > limits.max_image_pixels:
+        raise Im3dError(
+            "image_too_large",
+            f"{where} is {width}x{height} pixels, more than server.max_image_pixels ({limits.max_image_pixels}); "
+            "downscale the images (the fit uses recon.image_size pixels anyway)",
+        )
+    return width, height
+
+
+def check_image_upload(path: Path, limits) -> tuple[int, int]:
+    return image_size_from_header(path, "the image", limits)
+
+
+def split_files(root: Path) -> list[Path]:
+    """Every dataset JSON of a views folder: transforms.json and each transforms_<split>.json."""
+    return sorted(p for p in root.glob("transforms*.json") if p.is_file())
+
+
+def check_views_dataset(root: Path, limits=None) -> int:
+    """Check every split of a views folder before any job reads it; returns the train frame count.
+
+    Each frame of each split must name a regular file inside `root` (`path_outside_upload`
+    otherwise); images are measured from their headers against `limits` (server.max_image_pixels,
+    max_frames, max_upload_pixels) so that no upload can ask the worker to decode more than that.
+    """
+    from im3d.config import ServerConfig
+
+    limits = limits or ServerConfig()
+    main = views_json(root)
+    frames_seen, pixels, train_frames = 0, 0, 0
+    for json_path in split_files(root):
+        name = json_path.name
+
+        def refuse(message: str, code: str = "invalid_upload") -> Im3dError:
+            return Im3dError(code, f"{name} {message}")
+
+        try:
+            data = json.loads(json_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise refuse(f"is not valid JSON ({error}); export the views again") from None
+        frames = data.get("frames") if isinstance(data, dict) else None
+        if not isinstance(frames, list) or (json_path == main and not frames):
+            raise refuse("has no 'frames' list; it needs one entry per image with file_path and transform_matrix")
+        frames_seen += len(frames)
+        if frames_seen > limits.max_frames:
+            raise refuse(f"brings the upload to {frames_seen} frames, more than server.max_frames ({limits.max_frames}); send fewer views", "image_too_large")
+        for index, frame in enumerate(frames):
+            file_path = frame.get("file_path") if isinstance(frame, dict) else None
+            if not isinstance(file_path, str) or not file_path:
+                raise refuse(f"frame {index} has no 'file_path' string")
+            relative = file_path[2:] if file_path.startswith("./") else file_path
+            candidates = [relative] if PurePosixPath(relative).suffix else [relative, relative + ".png"]
+            found = next((p for p in (regular_file_inside(root, c) for c in candidates) if p is not None), None)
+            if found is None:
+                escapes = relative.startswith("/") or ".." in PurePosixPath(relative).parts or "\\" in relative
+                if escapes:
+                    raise refuse(f"frame {index} names {file_path!r}, a path outside the upload; use paths relative to the dataset folder", "path_outside_upload")
+                raise refuse(f"frame {index} names {file_path!r}, which is not a file inside the zip; include every image it lists")
+            width, height = image_size_from_header(found, f"{name} frame {index} ({file_path})", limits)
+            pixels += width * height
+            if pixels > limits.max_upload_pixels:
+                raise refuse(
+                    f"lists more than server.max_upload_pixels ({limits.max_upload_pixels}) pixels in all; send fewer or smaller images",
+                    "image_too_large",
+                )
+        if json_path == main:
+            train_frames = len(frames)
+    return train_frames
 
 
 def detect_upload_kind(content_type: str, head: bytes) -> str:

@@ -19,7 +19,11 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from im3d.config import PRESETS, Config, ConfigError, config_from_dict
+from pydantic import ValidationError
+
+from im3d.config import Config, ConfigError, config_from_dict, load_config
+from im3d.request import JobInputs, JobRequest, check_inputs
+from im3d.device import describe_device
 from im3d.errors import Cancelled, Im3dError, as_im3d_error, storage_error
 from im3d.service.store import FILE_NAME_RE, Job, JobStore
 
@@ -36,13 +40,16 @@ def _default_run_fn(*args: Any, **kwargs: Any) -> Mapping[str, Path]:
     return run_job(*args, **kwargs)
 
 
-def _merge(target: dict[str, Any], source: Mapping[str, Any]) -> dict[str, Any]:
-    for key, value in source.items():
-        if isinstance(value, Mapping) and isinstance(target.get(key), dict):
-            _merge(target[key], value)
-        else:
-            target[key] = json.loads(json.dumps(value)) if isinstance(value, (dict, list)) else value
-    return target
+# Settings that describe this machine rather than a job: a job takes them from the server's config.
+# Which models this machine uses is its own setting too: the add-on's model preferences reach the
+# backend as start-up settings, and GET /v1/models, preflight and the jobs must agree on them.
+SITE_SETTINGS = {"pipeline": ("device",), "diffusion": ("models_dir", "text_to_image_model", "orbit_model")}
+
+
+def _check_models(config: Config, request: Mapping[str, Any]) -> None:
+    from im3d.weights import preflight
+
+    preflight(config, request)
 
 
 class JobManager:
@@ -51,6 +58,9 @@ class JobManager:
     def __init__(self, store: JobStore, run_fn: RunFn | None = None, config: Config | None = None):
         self.store = store
         self.run_fn = run_fn or _default_run_fn
+        # Preflight (im3d.weights): the real pipeline's models are checked at submit; an injected
+        # run_fn (tests, other executors) loads no models of ours, so it is not checked.
+        self.check_models = _check_models if run_fn is None else None
         self.config = config or Config()
         self.max_queue = self.config.server.max_queue
         self._jobs: dict[str, Job] = {}
@@ -163,27 +173,37 @@ class JobManager:
         }
 
     # -- commands
-    def submit(self, request: Mapping[str, Any]) -> str:
-        """Validate a job request (already type-checked), copy its inputs, queue it; returns the id."""
-        kind = request["kind"]
-        prompt = (request.get("prompt") or "").strip()
-        preset = request.get("preset") or "standard"
-        overrides = dict(request.get("overrides") or {})
+    def job_config(self, preset: str, overrides: Mapping[str, Any], seed: int) -> Config:
+        """A job's config: resolved from the defaults by `load_config` (the preset, then the
+        request's overrides), never merged onto the server's own start-up config. Only this
+        machine's site settings (SITE_SETTINGS) come from the server's config."""
         if "server" in overrides:
             raise Im3dError("invalid_config", "overrides cannot change the server section; set it when starting the backend")
-        if preset not in PRESETS:
-            raise Im3dError("invalid_config", f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        site: dict[str, dict[str, Any]] = {}
+        for section, keys in SITE_SETTINGS.items():
+            site[section] = {key: getattr(getattr(self.config, section), key) for key in keys}
+        merged = json.loads(json.dumps(site))
+        for section, values in overrides.items():
+            merged.setdefault(section, {}).update(values)
+        merged.setdefault("pipeline", {})["seed"] = seed
         try:
-            base = self.config.to_dict()
-            base.pop("server")  # the server's own settings are not the job's (and port 0 is valid only there)
-            base = _merge(base, PRESETS[preset])
-            config = config_from_dict(_merge(base, overrides))
+            return load_config(preset, overrides=merged)
         except ConfigError as error:
-            raise Im3dError("invalid_config", f"overrides: {error}") from None
+            raise Im3dError("invalid_config", f"overrides: {error.message}") from None
+
+    def submit(self, request: JobRequest | Mapping[str, Any], artist: str = "") -> str:
+        """Validate a job request, copy its inputs, queue it; returns the id."""
+        if not isinstance(request, JobRequest):
+            try:
+                request = JobRequest.model_validate(dict(request))
+            except ValidationError as error:
+                raise Im3dError("invalid_request", "; ".join(e["msg"] for e in error.errors()[:5])) from None
+        seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
+        config = self.job_config(request.preset, request.overrides, seed)
 
         uploads = {}
         for slot, wanted in (("image", "image"), ("views", "views")):
-            upload_id = request.get(slot)
+            upload_id = getattr(request, slot)
             if upload_id is None:
                 continue
             meta = self.store.upload_meta(upload_id)
@@ -193,26 +213,13 @@ class JobManager:
                 expected = "a PNG or JPEG image" if wanted == "image" else "a zip of a views folder (transforms.json + images)"
                 raise Im3dError("wrong_upload_kind", f"{slot}: upload {upload_id} is a {meta['kind']} upload, but {slot} must be {expected}")
             uploads[slot] = meta
-        if kind == "generate" and not prompt and "image" not in uploads:
-            raise Im3dError("invalid_request", "a generate job needs a prompt or an image")
-        if kind in ("refine", "reconstruct") and "views" not in uploads:
-            raise Im3dError("invalid_request", f"a {kind} job needs views: upload a zip with transforms.json + images and pass its upload_id")
-        if kind == "refine" and config.diffusion.enabled and not prompt:
-            raise Im3dError("invalid_request", "a refine job needs a prompt (or overrides {'diffusion': {'enabled': false}})")
+        check_inputs(request.kind, request.prompt, "image" in uploads, "views" in uploads, config.diffusion.enabled)
+        if self.check_models is not None:
+            self.check_models(config, {"kind": request.kind, "image": request.image})  # every missing model, in ms
 
-        seed = request.get("seed")
-        if seed is None:
-            seed = secrets.randbelow(2**32)
-        public = {
-            "kind": kind,
-            "prompt": request.get("prompt") or "",
-            "negative_prompt": request.get("negative_prompt") or "",
-            "image": request.get("image"),
-            "views": request.get("views"),
-            "seed": int(seed),
-            "preset": preset,
-            "overrides": overrides,
-        }
+        kind = request.kind
+        public = request.model_dump()
+        public["seed"] = int(seed)
 
         with self._lock:
             if self._stopping:
@@ -220,6 +227,7 @@ class JobManager:
             busy = self._running is not None or bool(self._queue)
             if busy and len(self._queue) >= self.max_queue:
                 raise Im3dError("queue_full", f"{len(self._queue)} jobs are already waiting (server.max_queue); wait for one to finish or cancel one")
+            self._admit(artist)
             job_id = self.store.new_job_id()
             job_dir = self.store.root / job_id
             try:
@@ -241,9 +249,9 @@ class JobManager:
                 self._finish(job, "interrupted", message="the backend was shut down before this job started; run it again")
                 raise Im3dError("shutting_down", "the backend is shutting down; start it again and resubmit")
             self._jobs[job_id] = job
-            self._queue.append(job_id)
+            self._enqueue(job_id, artist)
             self._wakeup.notify_all()
-        log.info("job %s queued (%s)", job_id, kind)
+        log.info("job %s queued (%s)%s", job_id, kind, f" for {artist}" if artist else "")  # the artist's name, never a token
         return job_id
 
     def cancel(self, job_id: str) -> dict[str, Any]:
@@ -289,10 +297,13 @@ class JobManager:
 
     def _run(self, job: Job) -> None:
         job_dir = self.store.root / job.id
-        request = dict(job.request)
-        request["image"] = next((p for p in (job_dir / "inputs").glob("image.*")), None) if job.request["image"] else None
-        request["views"] = (job_dir / "inputs" / "views") if job.request["views"] else None
-        config = config_from_dict(job.config)
+        inputs = JobInputs(
+            kind=job.kind,
+            prompt=job.request.get("prompt") or "",
+            negative_prompt=job.request.get("negative_prompt") or "",
+            image=next((p for p in (job_dir / "inputs").glob("image.*")), None) if job.request.get("image") else None,
+            views=(job_dir / "inputs" / "views") if job.request.get("views") else None,
+        )
 
         def progress(stage: str, fraction: float, message: str = "", preview: Path | str | None = None) -> None:
             now = time.time()
@@ -320,7 +331,8 @@ class JobManager:
             return job.cancel_event.is_set()
 
         try:
-            artifacts = self.run_fn(request, job_dir, config, progress, cancel)
+            config = config_from_dict(job.config)
+            artifacts = self.run_fn(inputs, job_dir, config, progress, cancel)
             if job.cancel_event.is_set():
                 raise Cancelled()
             self.store.write_manifest(job.id, artifacts or {})
@@ -332,13 +344,20 @@ class JobManager:
                     self._finish(job, "cancelled", message=f"cancelled during {job.stage or 'start-up'}")
             return
         except Exception as error:  # noqa: BLE001 - every failure must end the job with a code and a message
-            known = as_im3d_error(error)
+            known = as_im3d_error(error, job_dir)
             if known is None:
                 self._fail_unexpected(job, error)
             else:
                 self._fail(job, known.code, known.message)
             return
         with self._lock:
+            if job.cancel_event.is_set() and not self._stopping:
+                # Cancel arrived while the manifest was written: the artist was told "cancelling",
+                # so the job ends cancelled and offers nothing (the manifest goes, the lock keeps
+                # a later cancel from slipping in between this check and the state change).
+                (job_dir / "manifest.json").unlink(missing_ok=True)
+                self._finish(job, "cancelled", message=f"cancelled during {job.stage or 'start-up'}")
+                return
             if job.stages and job.stages[-1].get("finished") is None:
                 job.stages[-1]["finished"] = time.time()
             job.progress = 1.0
@@ -391,22 +410,28 @@ class JobManager:
 
     # -- health helpers
     def device(self) -> str:
-        wanted = self.config.pipeline.device
-        if wanted != "auto" or "torch" not in sys.modules:
-            return wanted
-        torch = sys.modules["torch"]
-        if torch.cuda.is_available():
-            return "cuda"
-        mps = getattr(torch.backends, "mps", None)
-        return "mps" if mps is not None and mps.is_available() else "cpu"
+        return describe_device(self.config.pipeline.device)
 
     def models_loaded(self) -> list[str]:
-        pipeline = sys.modules.get("im3d.pipeline")
-        getter = getattr(pipeline, "loaded_models", None)
-        if getter is None:
+        """Models held warm by this process (the diffusion model cache), without importing it."""
+        models = sys.modules.get("im3d.diffusion.models")
+        if models is None:
             return []
         try:
-            return sorted(str(m) for m in getter())
-        except Exception:  # noqa: BLE001 - health must answer even if the pipeline misbehaves
+            return [str(m) for m in models.loaded_models()]
+        except Exception:  # noqa: BLE001 - health must answer even if the model cache misbehaves
+            log.exception("could not list the loaded models")
             return []
 
+    # -- executor hooks: the ray executor (service/ray_executor.py) overrides these
+    executor_name = "local"
+
+    def _admit(self, artist: str) -> None:
+        """Refuse a job this executor cannot queue now beyond server.max_queue (caller holds the lock)."""
+
+    def _enqueue(self, job_id: str, artist: str) -> None:
+        self._queue.append(job_id)
+
+    def workers(self) -> list[dict[str, Any]]:
+        """This process as the one worker (GET /v1/health lists the workers of every executor)."""
+        return [{"name": "local", "alive": True, "device": self.device(), "models_loaded": self.models_loaded(), "running_job": self.running_job}]

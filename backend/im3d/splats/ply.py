@@ -19,13 +19,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from im3d.errors import Im3dError
 from im3d.io_utils import atomic_write_bytes
 
 
-class PlyError(ValueError):
+class PlyError(Im3dError, ValueError):
     """The file is not a splat PLY this reader understands; the message says why."""
 
-    code = "invalid_ply"
+    def __init__(self, message: str):
+        super().__init__("invalid_ply", message)
 
 
 _PLY_TYPES = {
