@@ -3,7 +3,7 @@
 Runs the job twice through the installed extension, pumping `runtime.pump` as Blender's timer would,
 and records at every pump the predicted total (elapsed + ETA) against the real total. The first run
 has no measured speeds (a fresh user folder); the second uses what the first measured. The status
-samples of each run are written to `--timeline` (the recorded data tests/test_blender_eta.py replays).
+samples of each run are written to `--timeline` (to compare with the shapes tests/test_blender_eta.py replays).
 
     backend/.venv/bin/python bench/bench_eta.py [--timeline tests/fixtures/eta_refine_timeline.json]
 """
