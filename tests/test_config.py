@@ -7,7 +7,8 @@ from im3d.config import PRESETS, Config, ConfigError, config_from_dict, load_con
 
 def test_standard_preset_is_the_papers_setting():
     config = load_config("standard")
-    assert config.diffusion.num_views == 16
+    # the frame count is the orbit model's (SV3D: 21; the paper's Emu Video made 16), see diffusion/profiles.py
+    assert (config.diffusion.orbit_profile, config.diffusion.num_views) == ("sv3d_p", 21)
     assert (config.recon.lpips_weight, config.recon.msssim_weight, config.recon.mask_weight) == (10.0, 0.2, 1.0)
     assert config.recon.init_points == 5000
     assert config.recon.init == "center"

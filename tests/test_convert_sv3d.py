@@ -258,3 +258,42 @@ def test_bad_checkpoints_give_clear_errors(tiny_checkpoint, tmp_path):
         convert_sv3d_checkpoint(tmp_path / "missing.safetensors", tmp_path / "e")
     assert error.value.code == "checkpoint_not_found"
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == []
+
+
+def test_converted_sv3d_u_loads_without_camera_ids(tmp_path):
+    """SV3D_u: a 256-wide vector (cond_aug only); the folder loads and is told no camera."""
+    from im3d.diffusion.orbit_video import OrbitVideoPipeline
+    from im3d.diffusion.profiles import detect_profile
+    from im3d.diffusion.tiny import write_sgm_checkpoint
+
+    path, _ = write_sgm_checkpoint(tmp_path / "sv3d_u.safetensors", manifest("sv3d_u"))
+    out = convert_sv3d_checkpoint(path, tmp_path / "sv3d_u", unet_head_dim=16, clip_head_dim=16)
+    assert detect_profile(str(out)) == "sv3d_u"
+    pipe = OrbitVideoPipeline.from_pretrained(out)
+    assert pipe.unet.time_id_dims == (256,)
+    ids = pipe.camera_time_ids(torch.zeros(21), torch.arange(21.0) * 360 / 21, 1e-5)
+    assert ids.shape == (21, 1) and torch.all(ids == 1e-5)
+
+
+def test_stock_svd_folder_loads_and_samples(tmp_path):
+    """A stock Stable Video Diffusion folder (diffusers' own UNet class and config, no
+    addition_time_embed_dims, temporal VAE decoder) loads and gets SVD's (fps, motion, cond_aug) ids."""
+    from diffusers import StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel
+
+    from im3d.diffusion.orbit_video import OrbitVideoPipeline
+    from im3d.diffusion.tiny import ORBIT_CONFIGS, build_orbit_pipeline
+
+    tiny = build_orbit_pipeline("tiny")
+    unet_config = {k: v for k, v in ORBIT_CONFIGS["tiny"]["unet"].items() if k != "addition_time_embed_dims"}
+    unet_config["projection_class_embeddings_input_dim"] = 3 * unet_config["addition_time_embed_dim"]
+    torch.manual_seed(0)
+    svd = StableVideoDiffusionPipeline(vae=tiny.vae, image_encoder=tiny.image_encoder, unet=UNetSpatioTemporalConditionModel(**unet_config),
+                                       scheduler=tiny.scheduler, feature_extractor=tiny.feature_extractor)  # fmt: skip
+    svd.save_pretrained(tmp_path / "svd", safe_serialization=True)
+    pipe = OrbitVideoPipeline.from_pretrained(tmp_path / "svd", local_files_only=True)
+    assert pipe.unet.time_id_dims == (8, 8, 8) and type(pipe.vae).__name__ == "AutoencoderKLTemporalDecoder"
+    ids = pipe.camera_time_ids(torch.full((4,), 10.0), torch.tensor([90.0, 180.0, 270.0, 0.0]), 0.02)
+    torch.testing.assert_close(ids, torch.tensor([[6.0, 127.0, 0.02]] * 4))
+    frames = pipe(torch.rand(1, 3, 64, 64), elevations_deg=[10.0] * 2, azimuths_deg=[180.0, 0.0], num_inference_steps=1,
+                  max_guidance_scale=1.0, generator=torch.Generator().manual_seed(0)).frames  # fmt: skip
+    assert frames.shape == (1, 2, 3, 64, 64) and torch.isfinite(frames).all()

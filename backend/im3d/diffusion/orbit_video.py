@@ -24,7 +24,12 @@ Conditioning, as SV3D_p (Stability's generative-models, `configs/sv3d_p.yaml`):
 
 Frame order: SV3D generates frame i at azimuth (i + 1)·360°/F, the last frame being the
 reference view; `OrbitFrames` are returned sorted by azimuth, frame 0 the reference view at
-azimuth 0, so they line up with `im3d.cameras.orbit_cameras`. Another orbit-video model is an
+azimuth 0, so they line up with `im3d.cameras.orbit_cameras`. As in Stability's sampler, the
+reference view's generated frame is replaced by the conditioning image.
+
+SV3D_u (`addition_time_embed_dims` (256,)) gets only cond_aug per frame (no camera: 21 frames
+at elevation 0, which its profile enforces); a stock SVD folder loads and gets SVD's
+(fps_id, motion_bucket_id, cond_aug). Model profiles: `im3d.diffusion.profiles`. Another orbit-video model is an
 adapter: subclass `OrbitVideoPipeline` and override `model_azimuths_deg` / `camera_time_ids`.
 """
 
@@ -71,7 +76,8 @@ class OrbitUNetSpatioTemporalConditionModel(UNetSpatioTemporalConditionModel):
 
     Same modules and parameter names as the parent (an SVD/SV3D state dict loads unchanged);
     `addition_time_embed_dims` optionally gives each id its own sinusoidal width (SV3D_p:
-    (256, 512, 512)); when None every id uses `addition_time_embed_dim` as in SVD.
+    (256, 512, 512); SV3D_u: (256,)); when None, a 1280-wide vector with 256-wide ids is taken
+    for SV3D_p and otherwise every id uses `addition_time_embed_dim` as in stock SVD.
     """
 
     @register_to_config
@@ -100,7 +106,7 @@ class OrbitUNetSpatioTemporalConditionModel(UNetSpatioTemporalConditionModel):
         transformer_layers_per_block: int | tuple[int, tuple[tuple]] = 1,
         num_attention_heads: int | tuple[int, ...] = (5, 10, 20, 20),
         num_frames: int = 21,
-        addition_time_embed_dims: tuple[int, ...] | None = (256, 512, 512),
+        addition_time_embed_dims: tuple[int, ...] | None = None,
     ):
         super().__init__(
             sample_size=sample_size,
@@ -117,7 +123,10 @@ class OrbitUNetSpatioTemporalConditionModel(UNetSpatioTemporalConditionModel):
             num_attention_heads=num_attention_heads,
             num_frames=num_frames,
         )
-        if addition_time_embed_dims is None:
+        if addition_time_embed_dims is None and (projection_class_embeddings_input_dim, addition_time_embed_dim) == (1280, 256):
+            # SV3D_p conversions made elsewhere (no addition_time_embed_dims in their config): cond_aug, polar, azimuth
+            addition_time_embed_dims = (256, 512, 512)
+        if addition_time_embed_dims is None:  # stock SVD (fps, motion bucket, cond_aug: 3 x 256) and SV3D_u (256)
             if projection_class_embeddings_input_dim % addition_time_embed_dim:
                 raise ValueError("projection_class_embeddings_input_dim must be a multiple of addition_time_embed_dim")
             count = projection_class_embeddings_input_dim // addition_time_embed_dim
@@ -318,10 +327,19 @@ class OrbitVideoPipeline(DiffusionPipeline):
         return [(360.0 * (i + 1) / num_frames) % 360.0 for i in range(num_frames)]
 
     def camera_time_ids(self, elevations_deg: Tensor, azimuths_deg: Tensor, cond_aug: float) -> Tensor:
-        """[F] elevations and azimuths -> [F, n] added time ids: SV3D_p's (cond_aug, polar, azimuth)."""
+        """[F] elevations and azimuths -> [F, n] added time ids, by what the UNet was trained with:
+        SV3D_p (256, 512, 512): (cond_aug, polar, azimuth); SV3D_u (256,): (cond_aug,), no camera;
+        stock SVD (256, 256, 256): (fps_id 6, motion_bucket_id 127, cond_aug), Stability's defaults."""
         polar = torch.deg2rad(90.0 - elevations_deg)
         azimuth = torch.deg2rad(torch.remainder(azimuths_deg, 360.0))
-        ids = torch.stack([torch.full_like(polar, cond_aug), polar, azimuth], dim=-1)
+        cond = torch.full_like(polar, cond_aug)
+        dims = tuple(getattr(self.unet, "time_id_dims", (256, 512, 512)))
+        if len(dims) == 1:
+            ids = cond[:, None]
+        elif len(dims) == 3 and len(set(dims)) == 1:
+            ids = torch.stack([torch.full_like(polar, 6.0), torch.full_like(polar, 127.0), cond], dim=-1)
+        else:
+            ids = torch.stack([cond, polar, azimuth], dim=-1)
         expected = getattr(self.unet, "num_time_ids", None)
         if expected is not None and expected != ids.shape[-1]:
             raise ValueError(f"the orbit UNet expects {expected} added time ids per frame, the pipeline builds {ids.shape[-1]}")
@@ -610,6 +628,8 @@ def _run_orbit(reference, frames, strength, config, seed, progress, cancel) -> O
     with torch.no_grad():
         video = pipe.decode(latents, d.vae_decode_chunk)[0]  # [F, 3, S, S], model order
     images = video[torch.tensor(order)].permute(0, 2, 3, 1).float().cpu().contiguous()  # [F, S, S, 3]
+    # As Stability's sampler: the reference view's frame is the conditioning image itself
+    images[0] = rgb[0].permute(1, 2, 0).to(images)
     masks = torch.stack([segment_background_colour(image, d.background_threshold) for image in images])
     cameras, azimuths = orbit_frame_cameras(config, num_views, size)
     report(1.0, f"orbit ready: {num_views} frames, {counter.count} network evaluations")

@@ -21,6 +21,10 @@ from im3d.errors import check_cancel
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
 
+# Side length a text-to-image model was trained at, where its pipeline's default differs
+# (SDXL-Turbo keeps SDXL's 1024² default but was distilled at 512²; SD-Turbo likewise).
+TRAINED_SIZES = {"sdxl-turbo": 512, "sd-turbo": 512}
+
 OBJECT_PROMPT = "{prompt}, a single object, whole object in view, centered, isolated on a plain white background, studio lighting, high detail"
 OBJECT_NEGATIVE_PROMPT = "multiple objects, cropped, cut off, out of frame, text, watermark, busy background, scenery, ground shadow, blurry"
 
@@ -31,6 +35,12 @@ def object_prompts(prompt: str, negative_prompt: str = "") -> tuple[str, str]:
         raise ValueError("the prompt is empty; describe the object to generate")
     negative = OBJECT_NEGATIVE_PROMPT + (f", {negative_prompt.strip()}" if negative_prompt and negative_prompt.strip() else "")
     return OBJECT_PROMPT.format(prompt=prompt.strip()), negative
+
+
+def trained_size(model_id: str) -> int:
+    """The side `model_id` was trained at when its pipeline would default to another (0: use the default)."""
+    name = model_id.rstrip("/").split("/")[-1].lower()
+    return next((side for key, side in TRAINED_SIZES.items() if name == key or name.startswith(key + "-") or name.endswith("--" + key)), 0)
 
 
 def load_text_to_image_pipeline(config: Any):
@@ -70,8 +80,9 @@ def generate_reference_image(
         kwargs["guidance_scale"] = d.text_to_image_guidance
     if "negative_prompt" in accepted and d.text_to_image_guidance > 1.0:
         kwargs["negative_prompt"] = full_negative
-    if d.text_to_image_size and {"height", "width"} <= accepted:
-        kwargs["height"] = kwargs["width"] = d.text_to_image_size
+    size = d.text_to_image_size or trained_size(d.text_to_image_model)
+    if size and {"height", "width"} <= accepted:
+        kwargs["height"] = kwargs["width"] = size
     kwargs["generator"] = torch.Generator(device="cpu").manual_seed(int(seed))
 
     # 2. progress and cancel between steps
