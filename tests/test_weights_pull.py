@@ -300,3 +300,14 @@ def test_offline_mode_downloads_nothing(hub_env, monkeypatch):
     with pytest.raises(PullError) as error:
         pull_models(_config(lpips=1.0), ["lpips-alex"])  # not even torchvision's URL is tried
     assert error.value.code == "offline" and "HF_HUB_OFFLINE" in error.value.message
+
+
+def test_convert_command_refuses_what_it_cannot_convert(tmp_path, capsys):
+    from im3d.cli import main
+
+    assert main(["models", "convert", str(tmp_path / "sv3d_p.safetensors"), "--out", str(tmp_path / "out")]) != 0
+    assert "checkpoint_not_found" in capsys.readouterr().err
+    pickle = tmp_path / "sv3d_p.ckpt"
+    pickle.write_bytes(b"\x80\x04not loaded")
+    assert main(["models", "convert", str(pickle), "--out", str(tmp_path / "out")]) != 0
+    assert "pickle" in capsys.readouterr().err and not (tmp_path / "out").exists()
