@@ -194,9 +194,9 @@ class BackendProcess:
                 raise self._fail(BackendError("backend_start_timeout", f"the backend did not answer within {timeout:.0f} s; its log: {self._last_line() or self.log_path}"))
             time.sleep(0.2)
 
-    def ensure_ready(self, timeout: float = 90.0, cancel: Callable[[], bool] = lambda: False) -> dict:
+    def ensure_ready(self, timeout: float = 90.0, cancel: Callable[[], bool] = lambda: False, start: bool = True) -> dict:
         """Make sure an IM-3D backend of ours answers on the port: adopt one already there, else start
-        ours and wait for it. Meant for a worker thread: it blocks for as long as the start takes."""
+        ours (when `start`) and wait for it. Meant for a worker thread: it blocks as long as the start takes."""
         if self.running():
             return self.wait_ready(timeout, cancel)
         kind = probe(self.url, self.token())
@@ -210,6 +210,8 @@ class BackendProcess:
             ))
         if kind == "foreign":
             raise self._fail(BackendError("port_in_use", port_taken_message(self.port)))
+        if not start:
+            raise BackendError("backend_not_running", "the backend is not running: press Start in the add-on's preferences, or switch Start Automatically on")
         self.start()
         return self.wait_ready(timeout, cancel)
 

@@ -110,17 +110,12 @@ class Preparation:
 
     def run(self) -> None:
         try:
-            if self.process is not None and (self.auto_start or self.process.running()):
-                if not self.process.running() and not self.process.ready:
+            if self.process is not None:
+                if self.auto_start and not self.process.running() and not self.process.ready:
                     self.stage = "starting"
-                self.health = self.process.ensure_ready(90.0, self._cancel.is_set)
+                self.health = self.process.ensure_ready(90.0, self._cancel.is_set, start=self.auto_start)
             else:
-                try:
-                    self.health = self.client.health()
-                except BackendError as error:
-                    if self.process is not None and error.code in ("backend_unreachable", "timeout"):
-                        raise BackendError("backend_not_running", "the backend is not running: press Start in the add-on's preferences, or switch Start Automatically on") from None
-                    raise
+                self.health = self.client.health()
             self.stage = "checking"
             learn_from(self.client, self.preset)
         except BackendError as error:

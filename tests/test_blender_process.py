@@ -108,3 +108,10 @@ def test_an_unset_up_environment_says_press_set_up(tmp_path):
     with pytest.raises(BackendError, match="press Set up Backend") as caught:
         process.ensure_ready(5.0)
     assert caught.value.code == "backend_not_set_up"
+
+
+def test_without_start_automatically_a_free_port_says_press_start(tmp_path):
+    process = BackendProcess(sys.executable, tmp_path / "data", port=free_port())
+    with pytest.raises(BackendError, match="press Start in the add-on's preferences") as caught:
+        process.ensure_ready(5.0, start=False)
+    assert caught.value.code == "backend_not_running" and process.process is None
