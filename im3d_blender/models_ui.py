@@ -229,6 +229,8 @@ def draw(prefs, context, box) -> None:
     box.prop(prefs, "models_dir")
     box.prop(prefs, "hf_token")
     rows = model_rows(Models.listing)
+    if Models.listing is None and not busy():
+        box.label(text="Check Models asks the backend what its jobs need (it starts the local backend).", icon="INFO")
     if not rows and Models.listing is not None:
         box.label(text="The current settings need no models (diffusion and LPIPS off).", icon="CHECKMARK")
     for row in rows:

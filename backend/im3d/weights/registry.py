@@ -196,6 +196,9 @@ def diffusers_folder_problems(folder: Path) -> list[str]:
 
 
 def folder_size(folder: Path) -> int:
+    """Bytes under `folder`; for a Hugging Face cache repository folder, its blobs (links counted once)."""
+    if (folder / "blobs").is_dir() and (folder / "snapshots").is_dir():
+        folder = folder / "blobs"
     total = 0
     for path in folder.rglob("*"):
         try:
