@@ -257,7 +257,9 @@ def pull(
         check_cancel(cancel)
         counter.label = f"{item.model}: {item.path.split('/')[-1]}"
         if item.repo_id:
+            before = counter.done
             _fetch_hub_file(item, counter, token, models_dir)
+            counter.add(max(item.size - (counter.done - before), 0))  # a file already there counts as fetched
         else:
             download_url(item.path, item.dest, counter=counter, cancel=cancel)
     for k, model_id in enumerate(plan.convert):
