@@ -43,6 +43,10 @@ class IM3D_AddonPreferences(bpy.types.AddonPreferences):
     )
     url: StringProperty(name="URL", description="Address of the remote backend, e.g. http://gpu-box:8765", default="http://127.0.0.1:8765")
     token: StringProperty(name="Token", subtype="PASSWORD", description="The remote backend's bearer token (from its token file)")
+    hf_token: StringProperty(
+        name="Hugging Face Token", subtype="PASSWORD",
+        description="Access token of the Hugging Face account that accepted a gated model's licence (e.g. SV3D); sent only with Download Models, kept in Blender's preferences, never in .blend files",
+    )
     env_dir: StringProperty(
         name="Environment", subtype="DIR_PATH",
         description="Folder of the backend's Python environment, made by Set up Backend (empty: inside Blender's extension user folder)",
