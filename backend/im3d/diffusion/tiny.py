@@ -232,7 +232,7 @@ def write_safetensors_streaming(path: str | Path, items: list[tuple[str, tuple[i
         for name, shape, dtype in items:
             tensor = tensor_of(name).to(dtype).contiguous()
             assert tuple(tensor.shape) == tuple(shape), (name, tensor.shape, shape)
-            handle.write(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+            handle.write(tensor.reshape(-1).view(torch.uint8).numpy())  # raw little-endian bytes, no copy
     return path
 
 
