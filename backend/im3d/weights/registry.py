@@ -118,17 +118,23 @@ def converted_folder(model_id: str, models_dir: str = "") -> Path:
     return models_root(models_dir) / f"{repo.replace('/', '--')}--{variant}"
 
 
-def hf_snapshot(repo_id: str, filename: str = "model_index.json") -> Path | None:
-    """The cached snapshot folder of `repo_id` (at `main`) holding `filename`, or None."""
-    from huggingface_hub import try_to_load_from_cache
+def hf_snapshot(repo_id: str, filename: str = "model_index.json", revision: str = "main") -> Path | None:
+    """The cached snapshot folder of `repo_id` at `revision` holding `filename`, or None.
 
+    The Hugging Face cache layout (`models--org--name/refs/<revision>` holds the commit,
+    `snapshots/<commit>/<file>` links to the blob), read directly: huggingface_hub's
+    `try_to_load_from_cache` does the same but importing it costs half a second, and preflight
+    has to answer in milliseconds.
+    """
+    folder = hf_repo_cache_folder(repo_id)
     try:
-        found = try_to_load_from_cache(repo_id, filename, cache_dir=str(hf_cache_dir()))
-    except ValueError:  # not a valid repo id
+        commit = (folder / "refs" / revision).read_text(encoding="utf-8").strip()
+    except (OSError, ValueError):
         return None
-    if isinstance(found, str) and Path(found).is_file():
-        return Path(found).parent if "/" not in filename else Path(found).parents[filename.count("/")]
-    return None
+    snapshot = folder / "snapshots" / commit
+    if not commit or "/" in commit or not (snapshot / filename).is_file():  # is_file: a dangling link is missing
+        return None
+    return snapshot
 
 
 def hf_repo_cache_folder(repo_id: str) -> Path:
