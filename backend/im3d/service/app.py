@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,7 +16,8 @@ from typing import Any
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from im3d import PROTOCOL_VERSION, __version__
@@ -38,6 +40,26 @@ from im3d.service.uploads import detect_upload_kind
 from im3d.service.worker import JobManager, RunFn
 
 log = logging.getLogger("im3d.server")
+
+
+def file_response(path: Path, media_type: str) -> StreamingResponse:
+    """Serve the file from one open handle: its length and its bytes are those of one version of
+    the file, even when a preview is atomically replaced while it is being sent."""
+    handle = open(path, "rb")
+    size = os.fstat(handle.fileno()).st_size
+
+    def chunks():
+        remaining = size
+        while remaining > 0:
+            chunk = handle.read(min(1 << 16, remaining))
+            if not chunk:
+                break
+            remaining -= len(chunk)
+            yield chunk
+
+    return StreamingResponse(
+        chunks(), media_type=media_type, headers={"Content-Length": str(size)}, background=BackgroundTask(handle.close)
+    )
 
 
 def preset_table() -> dict[str, Any]:
@@ -145,7 +167,7 @@ def create_app(config: Config, token: str, run_fn: RunFn | None = None, jobs_dir
         try:
             yield
         finally:
-            await anyio.to_thread.run_sync(manager.shutdown)
+            await anyio.to_thread.run_sync(lambda: manager.shutdown(timeout=3.0))  # within the SIGTERM deadline
             await anyio.to_thread.run_sync(model_pulls.shutdown)  # a running model pull stops between chunks
 
     app = FastAPI(
@@ -265,22 +287,22 @@ def create_app(config: Config, token: str, run_fn: RunFn | None = None, jobs_dir
     binary = {"200": {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
 
     @app.get("/v1/jobs/{job_id}/artifacts/{name}", response_class=FileResponse, responses=binary)
-    def artifact(job_id: str, name: str) -> FileResponse:
+    def artifact(job_id: str, name: str) -> StreamingResponse:
         status = manager.status(job_id)
         path = store.artifact_path(job_id, name) if status["state"] == "succeeded" else None
         if path is None:
             raise Im3dError("artifact_not_found", f"job {job_id} has no artifact {name[:100]!r}; use a name listed in its status 'artifacts'")
-        return FileResponse(path, media_type=ARTIFACT_TYPES.get(path.suffix.lower(), "application/octet-stream"))
+        return file_response(path, ARTIFACT_TYPES.get(path.suffix.lower(), "application/octet-stream"))
 
     png = {"200": {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}}
 
     @app.get("/v1/jobs/{job_id}/previews/{name}", response_class=FileResponse, responses=png)
-    def preview(job_id: str, name: str) -> FileResponse:
+    def preview(job_id: str, name: str) -> StreamingResponse:
         manager.status(job_id)
         path = store.preview_path(job_id, name)
         if path is None:
             raise Im3dError("preview_not_found", f"job {job_id} has no preview {name[:100]!r}; use a name listed in its status 'previews'")
-        return FileResponse(path, media_type="image/png")
+        return file_response(path, "image/png")
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import re
 import secrets
 import stat
 from pathlib import Path
@@ -26,13 +27,25 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
+HOST_RE = re.compile(r"^(?:\[(?P<v6>[0-9a-f:.]+)\]|(?P<name>[a-z0-9.-]+))(?::(?P<port>[0-9]{1,5}))?$")
+
+
+def parse_host(host: str) -> tuple[str, int | None] | None:
+    """`name[:port]` or `[v6][:port]` of a Host header, strictly (RFC 9110): None if malformed."""
+    match = HOST_RE.match(host.lower())
+    if match is None:
+        return None
+    port = match.group("port")
+    if port is not None and not 0 < int(port) <= 65535:
+        return None
+    return match.group("v6") or match.group("name"), int(port) if port else None
+
+
 def host_is_loopback(host: str) -> bool:
-    host = host.strip().lower()
-    if host.startswith("["):
-        name = host[1 : host.find("]")] if "]" in host else ""
-    else:
-        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-    return name in LOOPBACK_HOSTS
+    """True for 127.0.0.1, localhost or ::1 with an optional numeric port; anything else is refused
+    (a malformed header too: `localhost:abc`, `localhost:80:80`, userinfo, spaces)."""
+    parsed = parse_host(host)
+    return parsed is not None and parsed[0] in LOOPBACK_HOSTS
 
 
 class GuardMiddleware:

@@ -7,18 +7,68 @@ import logging
 import os
 import socket
 import sys
+import threading
 from pathlib import Path
 from typing import Callable
 
 from im3d import __version__
 from im3d.config import Config, ConfigError
-from im3d.service.auth import host_is_loopback, load_or_create_token
+from im3d.service.auth import LOOPBACK_HOSTS, load_or_create_token
 from im3d.service.store import JobStore
 from im3d.service.worker import RunFn
 
 log = logging.getLogger("im3d.server")
 
 READY_PREFIX = "IM3D-READY"
+HEAD_TIMEOUT_S = 10.0  # a connection must deliver its request head within this
+IDLE_TIMEOUT_S = 5  # keep-alive connections idle longer are closed
+MAX_CONNECTIONS = 64  # open connections + running requests; a local add-on needs a handful
+MAX_HEAD_BYTES = 64 * 1024
+
+
+SHUTDOWN_DEADLINE_S = 8.0
+
+
+def _force_exit() -> None:
+    log.error("the backend did not stop within %.0f s of the signal; exiting now", SHUTDOWN_DEADLINE_S)
+    logging.shutdown()
+    os._exit(1)
+
+
+def head_timeout_protocol():
+    """uvicorn's h11 protocol, plus a deadline for each request head: uvicorn itself times out only
+    idle keep-alive connections, so a client sending its headers byte by byte (or nothing) would
+    hold a connection forever. The deadline is armed when the connection opens and after each
+    response; if the head has not fully arrived by then (h11 still waits for it), it closes."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadTimeoutProtocol(H11Protocol):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm_head_deadline()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self._arm_head_deadline()
+
+        def _arm_head_deadline(self):
+            previous = getattr(self, "_head_deadline", None)
+            if previous is not None:
+                previous.cancel()
+            self._head_deadline = self.loop.call_later(HEAD_TIMEOUT_S, self._head_deadline_passed)
+
+        def _head_deadline_passed(self):
+            if self.conn.their_state is h11.IDLE and self.conn.our_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()  # no request head within the deadline (idle or trickling bytes)
+
+        def connection_lost(self, exc):
+            previous = getattr(self, "_head_deadline", None)
+            if previous is not None:
+                previous.cancel()
+            super().connection_lost(exc)
+
+    return HeadTimeoutProtocol
 
 
 def user_data_dir() -> Path:
@@ -67,7 +117,7 @@ def serve(config: Config, ready: Callable[[str], None] | None = None, run_fn: Ru
     import uvicorn
 
     host = config.server.host
-    if not config.server.allow_remote and not host_is_loopback(host):
+    if not config.server.allow_remote and host.strip("[]").lower() not in LOOPBACK_HOSTS:
         raise ConfigError(f"server.host {host!r} is not a loopback address; set server.allow_remote = true to listen on it")
     jobs_dir = resolve_jobs_dir(config)
     JobStore(jobs_dir).prepare()  # a clear storage_error now rather than a failed lifespan later
@@ -87,8 +137,23 @@ def serve(config: Config, ready: Callable[[str], None] | None = None, run_fn: Ru
                 if ready is not None:
                     ready(url)
 
+        def handle_exit(self, sig, frame):
+            # SIGTERM/SIGINT: the graceful path (cancel the job, mark it interrupted) gets
+            # SHUTDOWN_DEADLINE_S; past that the process ends anyway, whatever a job is doing. The
+            # next start reports that job `interrupted` (crash recovery), so nothing is lost.
+            if not getattr(self, "_deadline", None):
+                self._deadline = threading.Timer(SHUTDOWN_DEADLINE_S, _force_exit)
+                self._deadline.daemon = True
+                self._deadline.start()
+            super().handle_exit(sig, frame)
+
     uvicorn_config = uvicorn.Config(
-        app, log_config=None, access_log=False, timeout_graceful_shutdown=5, lifespan="on", timeout_keep_alive=30
+        app, log_config=None, access_log=False, lifespan="on", ws="none",
+        http=head_timeout_protocol(),  # slow or absent request heads cannot pin connections
+        timeout_keep_alive=IDLE_TIMEOUT_S,  # idle keep-alive connections close
+        limit_concurrency=MAX_CONNECTIONS,  # past it: 503, the service stays responsive
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,  # a request head larger than this is refused
+        timeout_graceful_shutdown=3,
     )
     try:
         Server(uvicorn_config).run(sockets=[sock])

@@ -17,7 +17,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from im3d import __version__
 from im3d.config import ServerConfig
@@ -87,19 +89,42 @@ class Job:
         }
 
     @classmethod
-    def from_record(cls, data: Mapping[str, Any]) -> "Job":
-        job = cls(id=data["id"], kind=data["kind"], request=dict(data["request"]), config=dict(data.get("config") or {}))
-        job.state = data["state"] if data.get("state") in STATES else "interrupted"
-        for name in ("stage", "message"):
-            setattr(job, name, str(data.get(name) or ""))
-        job.progress = float(data.get("progress") or 0.0)
-        job.error = data.get("error")
-        job.created = float(data.get("created") or 0.0)
-        job.started = data.get("started")
-        job.finished = data.get("finished")
-        job.previews = [p for p in data.get("previews") or [] if isinstance(p, str) and FILE_NAME_RE.match(p)]
-        job.stages = list(data.get("stages") or [])
+    def from_record(cls, data: Any) -> "Job":
+        """A job from its job.json; anything malformed raises (pydantic ValidationError)."""
+        record = JobRecord.model_validate(data)
+        job = cls(id=record.id, kind=record.kind, request=record.request, config=record.config)
+        job.state, job.stage, job.progress, job.message = record.state, record.stage, record.progress, record.message
+        job.error = record.error.model_dump() if record.error else None
+        job.created, job.started, job.finished = record.created, record.started, record.finished
+        job.previews = [p for p in record.previews if FILE_NAME_RE.match(p)]
+        job.stages = record.stages
         return job
+
+
+class ErrorRecord(BaseModel):
+    code: str
+    message: str
+
+
+class JobRecord(BaseModel):
+    """What a job.json must hold to be served; checked on load so one bad file affects one job."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    kind: str
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]
+    stage: str = ""
+    progress: float = Field(0.0, ge=0.0, le=1.0)
+    message: str = ""
+    error: ErrorRecord | None = None
+    created: float = Field(0.0, allow_inf_nan=False)
+    started: float | None = Field(None, allow_inf_nan=False)
+    finished: float | None = Field(None, allow_inf_nan=False)
+    previews: list[str] = Field(default_factory=list)
+    stages: list[dict[str, Any]] = Field(default_factory=list)
+    request: dict[str, Any] = Field(default_factory=dict)
+    config: dict[str, Any] = Field(default_factory=dict)
 
 
 class JobStore:
@@ -137,17 +162,40 @@ class JobStore:
         atomic_write_json(self.root / job.id / "job.json", record)
 
     def load_jobs(self) -> list[Job]:
+        """Every job folder's job; a folder whose job.json is unreadable or malformed becomes a
+        `failed` job (`corrupt_job_record`), its bad file kept beside as job.json.corrupt."""
         jobs = []
         if not self.root.is_dir():
             return jobs
         for path in sorted(self.root.iterdir()):
             if not JOB_ID_RE.match(path.name) or not path.is_dir():
                 continue
+            record_path = path / "job.json"
             try:
-                jobs.append(Job.from_record(json.loads((path / "job.json").read_text(encoding="utf-8"))))
-            except (OSError, ValueError, KeyError, TypeError) as error:
-                log.warning("skipping job folder %s: unreadable job.json (%s)", path, error)
+                job = Job.from_record(json.loads(record_path.read_bytes()))
+                if job.id != path.name:
+                    raise ValueError(f"it names job {job.id!r}, not {path.name!r}")
+            except FileNotFoundError:
+                job = self._quarantine(path, "it has no job.json")
+            except (OSError, ValueError, ValidationError) as error:  # JSONDecodeError and ValidationError are ValueErrors
+                job = self._quarantine(path, f"its job.json is unreadable or malformed ({str(error).splitlines()[0][:200]})")
+            jobs.append(job)
         return jobs
+
+    def _quarantine(self, path: Path, reason: str) -> Job:
+        log.warning("job folder %s: %s; listed as failed", path, reason)
+        job = Job(id=path.name, kind="unknown", request={}, config={})
+        job.state, job.created, job.finished = "failed", path.stat().st_mtime, time.time()
+        job.message = f"this job's record cannot be read: {reason}; the folder is kept as it was, delete it or run the job again"
+        job.error = {"code": "corrupt_job_record", "message": job.message}
+        try:
+            if (path / "job.json").exists():
+                os.replace(path / "job.json", path / "job.json.corrupt")
+            (path / "manifest.json").unlink(missing_ok=True)  # nothing of it is served as a result
+            self.write_job(job, job.record())
+        except OSError as error:
+            log.error("could not quarantine %s: %s", path, error)
+        return job
 
     def write_manifest(self, job_id: str, artifacts: Mapping[str, Path | str]) -> list[dict[str, Any]]:
         """Hash every artifact and write `manifest.json` last; refuse names or paths that could escape."""

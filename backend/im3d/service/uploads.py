@@ -152,17 +152,20 @@ def image_size_from_header(path: Path, where: str, limits) -> tuple[int, int]:
     `limits.max_image_pixels` (server.max_image_pixels) before anything allocates for it."""
     from PIL import Image, UnidentifiedImageError
 
+    size_text = ""
     try:
         with Image.open(path) as image:  # lazy: reads the header only
             width, height = image.size
-    except Image.DecompressionBombError:
-        width, height = (1 << 20), (1 << 20)  # PIL saw a size past its own limit: refuse below
+            size_text = f"{width}x{height} pixels"
+    except Image.DecompressionBombError:  # past Pillow's own limit: refused below, size unknown
+        width = height = limits.max_image_pixels + 1
+        size_text = f"over {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels"
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise Im3dError("invalid_upload", f"{where} is not a readable PNG or JPEG image ({error}); export it again") from None
     if width * height > limits.max_image_pixels:
         raise Im3dError(
             "image_too_large",
-            f"{where} is {width}x{height} pixels, more than server.max_image_pixels ({limits.max_image_pixels}); "
+            f"{where} is {size_text}, more than server.max_image_pixels ({limits.max_image_pixels}); "
             "downscale the images (the fit uses recon.image_size pixels anyway)",
         )
     return width, height
