@@ -1,0 +1,27 @@
+"""The stand-in job of the scale-out tests and bench, run inside Ray worker actors.
+
+It is `service_runners.staged_job` (six stages with progress, previews and cancel checks, knobs in
+the prompt) plus one artifact, `where.json`, saying which process ran it in which folder, and
+`input_echo.*`, the bytes of the job's input image as the worker received them. Ray imports this
+module by name in the worker processes: the tests put `tests/` on their PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from service_runners import staged_job
+
+
+def standin_job(inputs, workdir, config, progress, cancel):
+    artifacts = dict(staged_job(inputs, workdir, config, progress, cancel))
+    workdir = Path(workdir)
+    (workdir / "where.json").write_text(json.dumps({"pid": os.getpid(), "workdir": str(workdir)}))
+    artifacts["where.json"] = workdir / "where.json"
+    if inputs.image is not None:
+        echo = workdir / f"input_echo{Path(inputs.image).suffix}"
+        echo.write_bytes(Path(inputs.image).read_bytes())
+        artifacts[echo.name] = echo
+    return artifacts
