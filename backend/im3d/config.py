@@ -132,13 +132,6 @@ class ServerConfig:
     token_file: str = ""  # bearer token file; empty: beside jobs_dir, created when absent
     max_upload_mb: int = 256  # largest accepted upload
     max_queue: int = 16  # queued jobs beyond the running one
-    executor: Literal["local", "ray"] = "local"  # local: one in-process worker; ray: worker actors on a Ray cluster (docs/scale-out.md)
-    ray_address: str = ""  # ray: the cluster to join ("auto", "<head>:6379", "ray://<head>:10001"); empty: start a local one
-    ray_workers: int = 1  # ray: worker actors in the pool, each runs one job at a time
-    ray_num_gpus: float = 1.0  # ray: GPUs each worker actor reserves (0: CPU-only workers)
-    ray_resource: str = ""  # ray: a custom resource each worker also reserves one unit of (pins workers to labelled nodes)
-    tokens_file: str = ""  # per-artist tokens, one "name token" per line, re-read on change; empty: the single token_file
-    max_queue_per_artist: int = 4  # queued jobs one artist may have waiting (fair queueing across artists)
     max_image_pixels: int = 4096 * 4096  # largest image (width x height) an upload may hold, read from its header
     max_frames: int = 512  # most images a views upload may list, all splits together
     max_upload_pixels: int = 512 * 2048 * 2048  # decoded pixels of all images of one upload together
@@ -475,9 +468,6 @@ def _validate_relations(config: Config) -> None:
     _check(1 <= s.port <= 65535, "server.port", f"must be a TCP port (1..65535), got {s.port}")
     _check(s.max_upload_mb >= 1, "server.max_upload_mb", "must be at least 1")
     _check(s.max_queue >= 0, "server.max_queue", "must not be negative")
-    _check(s.ray_workers >= 1, "server.ray_workers", "must be at least 1")
-    _check(s.ray_num_gpus >= 0, "server.ray_num_gpus", "must not be negative")
-    _check(s.max_queue_per_artist >= 1, "server.max_queue_per_artist", "must be at least 1")
     _check(s.ray_workers >= 1, "server.ray_workers", "must be at least 1")
     _check(s.ray_num_gpus >= 0, "server.ray_num_gpus", "must not be negative")
     _check(s.max_queue_per_artist >= 1, "server.max_queue_per_artist", "must be at least 1")

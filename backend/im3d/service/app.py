@@ -158,11 +158,6 @@ def create_app(config: Config, token: str, run_fn: RunFn | None = None, jobs_dir
 
         manager = RayJobManager(store, run_fn=run_fn, config=config)
     else:
-        if config.server.executor == "ray":
-        from im3d.service.ray_executor import RayJobManager  # Ray is imported only when asked for
-
-        manager = RayJobManager(store, run_fn=run_fn, config=config)
-    else:
         manager = JobManager(store, run_fn=run_fn, config=config)
     max_upload = config.server.max_upload_mb * (1 << 20)
 

@@ -48,28 +48,10 @@ class JobStatus(BaseModel):
     worker: str | None = None
     attempt: int | None = None
     artist: str | None = None
-    # ray executor only (null with local): 1-based place in the fair queue while queued, the worker
-    # and attempt (a job whose worker died is retried once), the artist whose token submitted it.
-    queue_position: int | None = None
-    worker: str | None = None
-    attempt: int | None = None
-    artist: str | None = None
 
 
 class JobList(BaseModel):
     jobs: list[JobStatus]
-
-
-class WorkerStatus(BaseModel):
-    """One worker: the backend process itself (local) or a worker actor (ray)."""
-
-    model_config = ConfigDict(extra="allow")  # ray adds node, pid, gpus, jobs_done
-
-    name: str
-    alive: bool
-    device: str | None = None
-    models_loaded: list[str] = Field(default_factory=list)
-    running_job: str | None = None
 
 
 class WorkerStatus(BaseModel):
@@ -91,8 +73,6 @@ class Health(BaseModel):
     models_loaded: list[str]
     queue_length: int
     running_job: str | None
-    executor: Literal["local", "ray"] = "local"  # server.executor
-    workers: list[WorkerStatus] = Field(default_factory=list)
     executor: Literal["local", "ray"] = "local"  # server.executor
     workers: list[WorkerStatus] = Field(default_factory=list)
 

@@ -435,16 +435,3 @@ class JobManager:
     def workers(self) -> list[dict[str, Any]]:
         """This process as the one worker (GET /v1/health lists the workers of every executor)."""
         return [{"name": "local", "alive": True, "device": self.device(), "models_loaded": self.models_loaded(), "running_job": self.running_job}]
-
-    # -- executor hooks: the ray executor (service/ray_executor.py) overrides these
-    executor_name = "local"
-
-    def _admit(self, artist: str) -> None:
-        """Refuse a job this executor cannot queue now beyond server.max_queue (caller holds the lock)."""
-
-    def _enqueue(self, job_id: str, artist: str) -> None:
-        self._queue.append(job_id)
-
-    def workers(self) -> list[dict[str, Any]]:
-        """This process as the one worker (GET /v1/health lists the workers of every executor)."""
-        return [{"name": "local", "alive": True, "device": self.device(), "models_loaded": self.models_loaded(), "running_job": self.running_job}]
