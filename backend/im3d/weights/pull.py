@@ -35,7 +35,6 @@ from im3d.weights.registry import (
     HUB_URL,
     LPIPS_BACKBONES,
     ModelStatus,
-    backbone_path,
     backbone_url,
     converted_folder,
     format_bytes,
