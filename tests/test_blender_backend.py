@@ -112,8 +112,9 @@ def test_refine_selected_puts_the_refined_copy_beside_the_original(backend):
     scene = fresh_scene()
     cube = refine_setup(scene, location=(40.0, -25.0, 8.0), rotation=(0.3, -0.2, 1.1))  # far from the origin, rotated
     assert bpy.ops.im3d.refine_selected() == {"FINISHED"}, scene.im3d.job_error
-    result = bpy.data.objects["Cube refined"]
-    assert_textured_result(result, "Cube refined")
+    name = f"{cube.name} refined"  # "Cube.001 refined": the start-up scene has a "Cube" already
+    result = bpy.data.objects[name]
+    assert_textured_result(result, name)
     assert result["im3d_kind"] == "refine"
     # The original's transform, moved aside along +X; the geometry lands on the cube's shape.
     offset = result.matrix_world.translation - cube.matrix_world.translation
@@ -129,8 +130,8 @@ def test_refine_selected_puts_the_refined_copy_beside_the_original(backend):
     bounds = [tuple(result.matrix_world @ v.co) for v in result.data.vertices[:50]]
     bpy.data.objects.remove(result)
     assert bpy.ops.im3d.reimport() == {"FINISHED"}
-    again = bpy.data.objects["Cube refined"]
-    assert again["im3d_source"] == "Cube" and len(again.data.vertices) >= 50
+    again = bpy.data.objects[name]
+    assert again["im3d_source"] == cube.name and len(again.data.vertices) >= 50
     assert max(abs(a - b) for p, q in zip(bounds, (again.matrix_world @ v.co for v in again.data.vertices[:50])) for a, b in zip(p, q)) < 1e-4
     assert bpy.ops.im3d.reimport() == {"FINISHED"}  # with the copy still there: a second one beside it
     assert len([o for o in bpy.data.collections["IM-3D"].objects]) == 2
