@@ -124,21 +124,34 @@ def _generate_config(tiny_models):
 
 
 def test_generate_with_tiny_models_runs_every_stage(tmp_path, tiny_models):
-    """Random weights draw no real object: the job either meshes what it got or says no object was found."""
+    """The seeded tiny models (seed 0) and job seed 0 draw something the pipeline meshes: the exact
+    outcome is known, so it is asserted (an answer of "no object found" here is a bug)."""
     stages = []
-    try:
-        artifacts = run_job(JobInputs("generate", "a red mug"), tmp_path / "job", _generate_config(tiny_models),
-                            lambda stage, fraction, message, preview: stages.append(stage))
-    except PipelineError as error:
-        assert error.code == "no_object_found", error
-        assert "reference" in stages
-        return
-    assert {"reference", "orbit", "fit", "refine", "mesh", "export"} <= set(stages)
-    assert {"reference.png", "frames_round0.png", "frames_round1.png", "mesh.glb"} <= set(artifacts)
+    config = _generate_config(tiny_models)
+    assert config.pipeline.seed == 0
+    artifacts = run_job(JobInputs("generate", "a red mug"), tmp_path / "job", config,
+                        lambda stage, fraction, message, preview: stages.append(stage))
+    assert list(dict.fromkeys(stages)) == ["reference", "orbit", "fit", "refine", "mesh", "export"]
+    assert set(artifacts) == {"reference.png", "frames_round0.png", "frames_round1.png", "mesh.glb", "splats.ply", "preview.png", "metrics.json", "config.json"}
     _check_glb(artifacts["mesh.glb"])
     metrics = json.loads(artifacts["metrics.json"].read_text())
-    # 2 text-to-image steps + 4 orbit steps + ceil(0.5*4)=2 re-diffusion steps, each guided step counting twice.
-    assert metrics["model_evaluations"] > 0
+    # 2 text-to-image steps (no guidance) + 4 orbit steps + ceil(0.5*4) = 2 re-diffusion steps, each
+    # guided step counting twice (conditional and unconditional halves): 2 + 8 + 4.
+    assert metrics["model_evaluations"] == 2 + 2 * 4 + 2 * 2
+    assert [r["evaluations"] for r in metrics["refine_rounds"]] == [4]
+    assert metrics["refine_rounds"][0]["strength"] == 0.5 and metrics["fit"]["steps"] == 40
+
+
+def test_generate_from_a_blank_image_finds_no_object(tmp_path, tiny_models):
+    """Plain background: "no object found" at the reference stage, before any model runs."""
+    save_png(tmp_path / "blank.png", torch.ones(64, 64, 3))
+    stages = []
+    with pytest.raises(PipelineError) as error:
+        run_job(JobInputs("generate", image=tmp_path / "blank.png"), tmp_path / "job", _generate_config(tiny_models),
+                lambda stage, fraction, message, preview: stages.append(stage))
+    assert error.value.code == "no_object_found" and "reference image" in error.value.message
+    assert set(stages) == {"reference"}
+    assert not (tmp_path / "job" / "mesh.glb").exists()
 
 
 @pytest.mark.slow

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import Tensor
 
+from im3d.errors import PipelineError
+
 
 @dataclass
 class ReferenceImage:
@@ -63,7 +65,9 @@ def centre_object(
     rows = torch.nonzero(mask[..., 0].amax(dim=1) > 0.5).flatten()
     cols = torch.nonzero(mask[..., 0].amax(dim=0) > 0.5).flatten()
     if rows.numel() == 0:
-        raise ValueError(
+        # A user-facing outcome (a blank image, or a text-to-image draw of plain background), not a bug.
+        raise PipelineError(
+            "no_object_found",
             "no object found in the reference image (its foreground mask is empty); use an image of one "
             "object on a plain background, or an RGBA image whose alpha marks the object"
         )
