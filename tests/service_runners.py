@@ -79,3 +79,12 @@ def staged_job(request, workdir: Path, config, progress, cancel, stage_entered=N
     (workdir / "preview.png").write_bytes(tiny_png(200))
     (workdir / "metrics.json").write_text(json.dumps({"seed": config.pipeline.seed, "kind": request.kind}))
     return {"mesh.glb": workdir / "mesh.glb", "preview.png": workdir / "preview.png", "metrics.json": workdir / "metrics.json"}
+
+
+def stubborn_job(request, workdir: Path, config, progress, cancel):
+    """Never looks at cancel(): stands in for a stage stuck in a long native call."""
+    progress("fit", 0.1, "stuck")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+    return {}

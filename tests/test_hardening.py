@@ -438,3 +438,26 @@ def test_a_connection_that_never_finishes_its_request_head_is_closed(tmp_path, m
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_service_within_seconds_even_if_a_job_ignores_cancel(tmp_path):
+    import signal
+
+    from test_server_process import Backend
+
+    backend = Backend(tmp_path)
+    backend.start("--runner", "service_runners:stubborn_job")
+    try:
+        job_id = backend.http.post("/v1/jobs", json={"kind": "generate", "prompt": "x"}).json()["id"]
+        backend.wait(job_id, states=("running",))
+        asked = time.monotonic()
+        backend.process.send_signal(signal.SIGTERM)
+        backend.process.wait(timeout=30)
+        assert time.monotonic() - asked < 10.0
+    finally:
+        backend.stop()
+    from im3d.service.store import JobStore
+
+    (job,) = JobStore(backend.jobs_dir).load_jobs()
+    assert job.state in ("running", "interrupted")  # reported interrupted at the next start, never succeeded
