@@ -86,9 +86,13 @@ def run_with(tmp_path):
 
 
 @pytest.mark.parametrize("boundary", range(len(STAGES) + 1), ids=[f"before_{s}" for s in STAGES] + ["after_last"])
-def test_cancel_at_each_boundary_ends_cancelled_without_manifest(run_with, boundary):
+def test_cancel_at_each_boundary_ends_cancelled_without_manifest(run_with, boundary, monkeypatch):
+    hashed = []
+    original = JobStore.write_manifest
+    monkeypatch.setattr(JobStore, "write_manifest", lambda store, job_id, artifacts: hashed.append(job_id) or original(store, job_id, artifacts))
     runner = Boundary(cancel_at=boundary)
     manager, status = run_with(runner)
+    assert hashed == []  # a cancelled job does no more work: its artifacts are not even hashed
     assert status["state"] == "cancelled", status
     assert status["error"] is None and status["artifacts"] == []
     assert runner.stages_run == list(STAGES[:boundary])
