@@ -25,3 +25,27 @@ def standin_job(inputs, workdir, config, progress, cancel):
         echo.write_bytes(Path(inputs.image).read_bytes())
         artifacts[echo.name] = echo
     return artifacts
+
+
+def kill_ray_processes_of(temp_dir: str | Path) -> int:
+    """SIGKILL every process that has a file open under `temp_dir` (a Ray cluster started with
+    `_temp_dir=temp_dir`): ray.shutdown() can leave an agent behind when start-up failed, and Ray
+    renames its processes, so their command lines do not say whose they are. Returns the count."""
+    import signal
+
+    marker = str(Path(temp_dir).resolve())
+    killed = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            links = [os.readlink(fd) for fd in (entry / "fd").iterdir()]
+        except OSError:
+            continue
+        if any(link.startswith(marker) for link in links):
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed += 1
+            except OSError:
+                pass
+    return killed

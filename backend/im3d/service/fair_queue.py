@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import math
 from typing import Iterator
 
 DEFAULT_ARTIST = ""  # jobs submitted without a per-artist token

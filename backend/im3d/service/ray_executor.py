@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -40,6 +41,7 @@ from im3d.service.worker import JobManager, RunFn
 log = logging.getLogger("im3d.jobs")
 
 POLL_S = 0.1  # how often a dispatch thread picks up progress (and re-sends a pending cancel)
+POLL_TIMEOUT_S = 10.0  # a poll slower than this is skipped, not waited for
 ATTEMPTS = 2  # a job is tried at most this often when its worker process dies
 RESTART_WORKERS = -1  # Ray restarts a dead worker process without limit: the pool keeps its size
 
@@ -78,6 +80,8 @@ class WorkerPool:
         self.owns_ray = False
         if not ray.is_initialized():
             # An existing cluster (server.ray_address) or, when empty, a local one started here.
+            # Ray reports usage to its makers unless told not to; a studio backend says nothing unasked.
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             try:
                 if server_config.ray_address:
                     ray.init(address=server_config.ray_address, include_dashboard=False, log_to_driver=False)
@@ -324,7 +328,11 @@ class RayJobManager(JobManager):
                 if done:
                     result = ray.get(running)
                     break
-                self._apply(workdir, ray.get(worker.actor.poll.remote(job_id)), progress)
+                try:
+                    update = ray.get(worker.actor.poll.remote(job_id), timeout=POLL_TIMEOUT_S)
+                except ray.exceptions.GetTimeoutError:
+                    continue  # a busy node: progress catches up at the next poll or with the result
+                self._apply(workdir, update, progress)
         except ray.exceptions.RayActorError as error:
             raise WorkerLost(type(error).__name__) from None
         self._apply(workdir, result, progress)
