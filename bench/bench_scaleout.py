@@ -152,7 +152,12 @@ def write_section(table: str, machine: str, args) -> None:
         "jobs submitted at once. Overhead: an empty job's submit-to-succeeded time, ray minus local; it is the "
         "inputs through the object store, artifacts back, progress polled every 0.1 s (`POLL_S`), so about one "
         "poll interval plus a few Ray round trips.\n\n"
-        f"Machine: {machine}.\n\n" + table + "\n"
+        f"Machine: {machine}.\n\n" + table + "\n\n"
+        "Two workers run about twice the jobs of one (the work overlaps; the API node's share is small). "
+        "The overhead column varies with where a job ends within the 0.1 s poll. Not in these numbers: "
+        "starting Ray and the worker actors, once per API node start (45-90 s on the loaded machine above; "
+        "Ray's raylet gives its Python agent a fixed 15 s to start, so on a machine this starved a start "
+        "can fail outright, and the tests then skip saying so).\n"
     )
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
     pattern = re.compile(r"^## Scale-out\n.*?(?=^## |\Z)", re.S | re.M)
