@@ -36,6 +36,15 @@ from im3d.errors import Cancelled
 MANIFEST = Path(__file__).parent / "fixtures" / "sv3d_manifest.json.gz"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a loaded CI machine threads contend badly."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def manifest(variant: str) -> dict[str, tuple[int, ...]]:
     data = json.loads(gzip.open(MANIFEST).read())
     return {name: tuple(shape) for name, shape in data["checkpoints"][variant].items()}
