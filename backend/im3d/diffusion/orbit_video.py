@@ -357,9 +357,15 @@ class OrbitVideoPipeline(DiffusionPipeline):
         x = ((x - mean) / std).to(dtype=self.image_encoder.dtype)
         return self.image_encoder(x).image_embeds[:, None]
 
+    def _vae_upcast(self) -> tuple[bool, torch.dtype]:
+        """Whether the VAE runs in fp32 although the pipeline is half precision (fp16 or bf16), as
+        `force_upcast` asks: SV3D's sampler runs its autoencoder outside autocast (fp32)."""
+        half = self.vae.dtype
+        return half in (torch.float16, torch.bfloat16) and bool(getattr(self.vae.config, "force_upcast", False)), half
+
     def encode_vae(self, images: Tensor, chunk: int) -> Tensor:
         """[N, 3, H, W] in [-1, 1] -> [N, 4, h, w] unscaled latent means, `chunk` images at a time."""
-        upcast = self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False)
+        upcast, half = self._vae_upcast()
         dtype = torch.float32 if upcast else self.vae.dtype
         if upcast:
             self.vae.to(dtype=torch.float32)
@@ -370,20 +376,20 @@ class OrbitVideoPipeline(DiffusionPipeline):
             ]
         finally:
             if upcast:
-                self.vae.to(dtype=torch.float16)
+                self.vae.to(dtype=half)
         return torch.cat(parts)
 
     def decode(self, latents: Tensor, chunk: int) -> Tensor:
         """[B, F, 4, h, w] scaled latents -> [B, F, 3, H, W] in [0, 1], `chunk` frames at a time."""
         num_frames = latents.shape[1]
-        upcast = self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False)
+        upcast, half = self._vae_upcast()
         if upcast:
             self.vae.to(dtype=torch.float32)
         try:
             frames = StableVideoDiffusionPipeline.decode_latents(self, latents.to(self.vae.dtype), num_frames, chunk)
         finally:
             if upcast:
-                self.vae.to(dtype=torch.float16)
+                self.vae.to(dtype=half)
         return (frames.permute(0, 2, 1, 3, 4) / 2.0 + 0.5).clamp(0.0, 1.0)  # [B, F, 3, H, W]
 
     # -- call -----------------------------------------------------------------------------------
