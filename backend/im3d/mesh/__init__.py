@@ -24,6 +24,7 @@ import torch
 
 from im3d.config import Config, MeshConfig
 from im3d.errors import Cancelled, check_cancel
+from im3d.mesh.bake_views import ViewImages, ViewSource
 from im3d.mesh.cleanup import (
     decimate,
     drop_degenerate,
@@ -51,6 +52,7 @@ __all__ = [
     "MeshReport",
     "MeshResult",
     "MeshingError",
+    "ViewImages",
     "export_glb",
     "mesh_from_splats",
     "mesh_ply_to_glb",
@@ -83,6 +85,8 @@ class MeshReport:
     uv_coverage: float = 0.0
     uv_overlap_texels: int = 0
     mean_snap_distance: float = 0.0
+    texture_source: str = "splats"  # "views": back-projected from the job's views; "splats": splat colours
+    view_texels: float = 0.0  # share of covered texels coloured wholly by the views
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -151,8 +155,14 @@ def mesh_from_splats(
     config: MeshConfig | Config | None = None,
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
+    views: ViewSource | None = None,
 ) -> MeshResult:
-    """Splats (a dict of tensors, any device) -> a cleaned, textured mesh in the splats' frame."""
+    """Splats (a dict of tensors, any device) -> a cleaned, textured mesh in the splats' frame.
+
+    `views` (posed images with `.cameras`, `.images`, `.masks`: the job's input views or its last
+    diffused frames) are back-projected into the texture where they see the surface; without
+    them, or with mesh.texture_from_views off, the texture comes from the splats' colours.
+    """
     cfg = _mesh_config(config) if config is not None else MeshConfig()
     report_progress = progress or (lambda fraction, message: None)
     seconds: dict[str, float] = {}
@@ -235,14 +245,20 @@ def mesh_from_splats(
     blur = 0.5 * (np.percentile(gaussians.scales.max(1), 50) if len(gaussians.scales) else 0.0)
     uvs = texture = vertex_colors = None
     charts, coverage, overlaps = 0, 0.0, 0
+    texture_source, view_texels = "splats", 0.0
     if cfg.bake_texture:
         uv_mesh = unwrap(vertices, faces, cfg.texture_size, cfg.texture_padding)
         lap("uv_unwrap")
         check_cancel(cancel)
         report_progress(0.75, "meshing: baking the albedo texture")
-        texture, bake_stats = bake_albedo(uv_mesh, gaussians, cfg.texture_size, blur, cancel=cancel)
-        vertices, faces, uvs = uv_mesh.vertices, uv_mesh.faces, uv_mesh.uvs
         normals = normals[uv_mesh.source_vertex]
+        texture, bake_stats = bake_albedo(
+            uv_mesh, gaussians, cfg.texture_size, blur, cancel=cancel,
+            views=views if cfg.texture_from_views else None, normals=normals,
+            progress=lambda f, m: report_progress(0.75 + 0.25 * f, f"meshing: {m}"),
+        )  # fmt: skip
+        texture_source, view_texels = bake_stats["texture_source"], bake_stats.get("view_texels", 0.0)
+        vertices, faces, uvs = uv_mesh.vertices, uv_mesh.faces, uv_mesh.uvs
         charts, coverage, overlaps = uv_mesh.charts, bake_stats["uv_coverage"], bake_stats["uv_overlap_texels"]
         lap("bake")
     else:
@@ -265,6 +281,8 @@ def mesh_from_splats(
         uv_coverage=coverage,
         uv_overlap_texels=overlaps,
         mean_snap_distance=snap_mean,
+        texture_source=texture_source,
+        view_texels=view_texels,
         stage_seconds=seconds,
     )
     report_progress(1.0, f"meshing: done, {report.faces} faces")

@@ -5,8 +5,10 @@ group is projected orthographically onto its axis plane, so no triangle flips, a
 those charts with padding. (xatlas' own chart search takes 15-25 s on 50k faces; the packing
 alone takes well under a second.)
 
-Bake: every texel whose centre lies in a triangle gets that triangle's surface point; its colour
-is the density-weighted average of the SH degree-0 colours of the Gaussians around the point.
+Bake: every texel whose centre lies in a triangle gets that triangle's surface point. With posed
+views (a job's input views or last diffused frames) its colour is back-projected from the views
+that see it best (bake_views.py); where none does, and for `im3d mesh` (a PLY, no views), it is
+the density-weighted average of the SH degree-0 colours of the Gaussians around the point.
 Empty texels take the colour of the nearest baked texel, so bilinear filtering and every
 mip-map level see surface colours, never a dark background.
 """
@@ -22,6 +24,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from im3d.errors import check_cancel
+from im3d.mesh.bake_views import MIN_WEIGHT, Progress, ViewSource, bake_from_views
 from im3d.mesh.density import GaussianArrays
 
 
@@ -166,16 +169,23 @@ def _rasterize_uv(uv_px, faces, face_of_texel, bary):
     return overlaps
 
 
-def texel_surface_points(uv_mesh: UVMesh, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-    """Covered texels: (world points [P,3], face [P], rows [P], cols [P], overlapping texels)."""
+def texel_samples(uv_mesh: UVMesh, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """Covered texels: (world points [P,3], face [P], barycentrics [P,3], rows [P], cols [P], overlapping texels)."""
     face_of_texel = np.full((size, size), -1, np.int64)
     bary = np.zeros((size, size, 3))
     overlaps = _rasterize_uv(uv_mesh.uvs * size, uv_mesh.faces, face_of_texel, bary)
     rows, cols = np.nonzero(face_of_texel >= 0)
     f = face_of_texel[rows, cols]
+    weights = bary[rows, cols]
     corners = uv_mesh.vertices[uv_mesh.faces[f]]  # [P, 3, 3]
-    points = np.einsum("pc,pcd->pd", bary[rows, cols], corners)
-    return points, f, rows, cols, int(overlaps)
+    points = np.einsum("pc,pcd->pd", weights, corners)
+    return points, f, weights, rows, cols, int(overlaps)
+
+
+def texel_surface_points(uv_mesh: UVMesh, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """Covered texels: (world points [P,3], face [P], rows [P], cols [P], overlapping texels)."""
+    points, f, _, rows, cols, overlaps = texel_samples(uv_mesh, size)
+    return points, f, rows, cols, overlaps
 
 
 def splat_colors_at(
@@ -248,16 +258,59 @@ def bake_albedo(
     size: int,
     blur: float,
     cancel=None,
+    views: ViewSource | None = None,
+    normals: np.ndarray | None = None,  # [V', 3] unit outward normals of uv_mesh.vertices
+    progress: Progress | None = None,
 ) -> tuple[np.ndarray, dict]:
-    """Albedo texture [size, size, 3] uint8 from the splats' colours, and bake statistics."""
-    points, face, rows, cols, overlaps = texel_surface_points(uv_mesh, size)
+    """Albedo texture [size, size, 3] uint8 and bake statistics.
+
+    With `views` (posed images of the object), texels take the colour the views see there
+    (bake_views.py); the splats' colours fill in where no view sees the surface well enough
+    (blended by the views' confidence, so there is no hard edge between the two). Without views
+    every texel takes the splats' colour.
+    """
+    report = progress or (lambda fraction, message: None)
+    points, face, bary, rows, cols, overlaps = texel_samples(uv_mesh, size)
     check_cancel(cancel)
-    centroids = uv_mesh.vertices[uv_mesh.faces].mean(axis=1)
-    colors = splat_colors_at(points, gaussians, blur, groups=face, group_centres=centroids, cancel=cancel)
+    colors = np.zeros((len(points), 3))
+    confidence = np.zeros(len(points))
+    view_stats: dict = {}
+    if views is not None and len(points):
+        tri = uv_mesh.vertices[uv_mesh.faces]  # [F, 3, 3]
+        face_normals = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+        face_area = 0.5 * np.linalg.norm(face_normals, axis=1)
+        face_normals /= np.maximum(2.0 * face_area, 1e-30)[:, None]
+        if normals is None:
+            texel_normals = face_normals[face]
+        else:
+            texel_normals = np.einsum("pc,pcd->pd", bary, normals[uv_mesh.faces[face]])
+            texel_normals /= np.maximum(np.linalg.norm(texel_normals, axis=1, keepdims=True), 1e-30)
+        # One texel covers this much surface on average: what the views' resolution is matched to.
+        texel_size = float(np.sqrt(face_area.sum() / len(points)))
+        view_colors, weight, view_stats = bake_from_views(
+            points, texel_normals, face_normals[face], uv_mesh.vertices, uv_mesh.faces, views, texel_size,
+            progress=lambda f, m: report(0.9 * f, m), cancel=cancel,
+        )  # fmt: skip
+        confidence = np.clip(weight / MIN_WEIGHT, 0.0, 1.0)
+        colors = view_colors * confidence[:, None]
+    need_splats = confidence < 1.0
+    if need_splats.any():
+        check_cancel(cancel)
+        report(0.9, "texture: splat colours where no view sees the surface")
+        centroids = uv_mesh.vertices[uv_mesh.faces].mean(axis=1)
+        splat = splat_colors_at(points[need_splats], gaussians, blur, groups=face[need_splats], group_centres=centroids, cancel=cancel)
+        colors[need_splats] += splat * (1.0 - confidence[need_splats, None])
     image = np.zeros((size, size, 3))
     image[rows, cols] = colors
     covered = np.zeros((size, size), bool)
     covered[rows, cols] = True
     image = fill_empty_texels(image, covered)
     stats = {"texels_baked": int(len(rows)), "uv_overlap_texels": overlaps, "uv_coverage": float(covered.mean())}
+    if views is not None:
+        stats["texture_source"] = "views"
+        stats["view_texels"] = float((confidence >= 1.0).mean()) if len(points) else 0.0
+        stats.update({f"bake_{k}": v for k, v in view_stats.items()})
+    else:
+        stats["texture_source"] = "splats"
+    report(1.0, "texture: baked")
     return np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8), stats
