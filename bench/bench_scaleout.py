@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_enable_metrics_collection", "0")  # no metrics agent to wait for at start-up
+os.environ.setdefault("RAY_enable_worker_prestart", "0")  # no idle workers competing with the start-up
 
 GPU = "bench_gpu"
 FINAL = ("succeeded", "failed", "cancelled", "interrupted")

@@ -40,12 +40,13 @@ GPU = "im3d_test_gpu"  # the custom resource standing in for a GPU
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A single-node Ray cluster on 127.0.0.1, small; shut down (and its processes gone) after."""
-    old_env = {name: os.environ.get(name) for name in ("PYTHONPATH", "RAY_USAGE_STATS_ENABLED", "RAY_enable_metrics_collection")}
+    quiet_start = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_enable_metrics_collection": "0", "RAY_enable_worker_prestart": "0"}
+    old_env = {name: os.environ.get(name) for name in ("PYTHONPATH", *quiet_start)}
     # Ray's processes inherit these: workers import scaleout_runners by name; no usage report; no
-    # metrics agent for the raylet to wait for (on a loaded two-core machine it can miss the wait).
+    # metrics and no idle workers started with the node, which on a loaded two-core machine compete
+    # with the agent the raylet waits for.
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS_DIR), old_env["PYTHONPATH"]) if p)
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    os.environ["RAY_enable_metrics_collection"] = "0"
+    os.environ.update(quiet_start)
     temp_dir = tempfile.mkdtemp(prefix="im3d-ray-")  # short: Ray's socket paths must stay < 108 bytes
     settings = dict(
         _temp_dir=temp_dir,
