@@ -1,4 +1,4 @@
-"""Job store, FIFO queue, cancellation, crash recovery and safe uploads (im3d.jobs), without HTTP."""
+"""Job store, FIFO queue, cancellation, crash recovery and safe uploads (im3d.service.store / worker / uploads), without HTTP."""
 
 from __future__ import annotations
 
