@@ -5,9 +5,10 @@
     report = mesh_ply_to_glb("splats.ply", "mesh.glb", config)         # what `im3d mesh` calls
 
 Stages (each reports progress and checks `cancel()`):
-  1. density   opacity-weighted Gaussian density on a grid (numba scatter, slab-parallel)
-  2. surface   local normalisation, cavity fill, marching cubes (PyMCubes), outward normals
-  3. cleanup   drop floaters, decimate to the face budget, snap onto the splats, Taubin smoothing
+  1. field     mesh.method "tsdf": splat depth rendered at the fitted + extra views, fused into a
+               TSDF, space-carved with the views' masks (tsdf.py); "density": Gaussian density (density.py)
+  2. surface   marching cubes (PyMCubes) on that field, outward normals (surface.py)
+  3. cleanup   drop floaters, decimate to the face budget, (density only: snap), Taubin smoothing
   4. texture   UV atlas (facing charts packed by xatlas), albedo bake from the splats' colours
 """
 
@@ -18,7 +19,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import mcubes
 import numpy as np
 import torch
 
@@ -35,16 +35,10 @@ from im3d.mesh.cleanup import (
     taubin_smooth,
     vertex_normals,
 )
-from im3d.mesh.density import (
-    GaussianArrays,
-    evaluate_density,
-    fill_cavities,
-    normalise_locally,
-    quats_to_rotations,
-    typical_peak_density,
-)
+from im3d.mesh.density import GaussianArrays, quats_to_rotations
 from im3d.mesh.errors import MeshingError
 from im3d.mesh.gltf import write_glb
+from im3d.mesh.surface import extract_surface
 from im3d.mesh.texture import bake_albedo, splat_colors_at, unwrap
 
 __all__ = [
@@ -62,9 +56,6 @@ __all__ = [
 SH_C0 = 0.28209479177387814
 # Splats fainter than this everywhere are "nothing there" (sigmoid of the logit opacity).
 MIN_VISIBLE_OPACITY = 1e-3
-# Density below this share of the typical peak never counts as surface, however faint the
-# neighbourhood: keeps the tails of floaters and empty space out of the local normalisation.
-NORMALISATION_FLOOR = 0.2
 
 Progress = Callable[[float, str], None]
 
@@ -174,45 +165,11 @@ def mesh_from_splats(
         seconds[name] = seconds.get(name, 0.0) + now - clock
         clock = now
 
-    # 1. Density grid.
-    report_progress(0.0, "meshing: density grid")
+    # 1-2. Surface: a field around the splats (fused rendered depth, or density), marching cubes.
     gaussians = splats_to_gaussians(splats)
-    grid = evaluate_density(
-        gaussians,
-        cfg.grid_resolution,
-        cancel=cancel,
-        progress=lambda f, m: report_progress(0.3 * f, f"meshing: {m}"),
+    vertices, faces, grid, iso = extract_surface(
+        splats, gaussians, cfg, views, lambda f, m: report_progress(0.45 * f, m), cancel, lap
     )
-    lap("density")
-
-    # 2. Surface: iso-level, cavities, marching cubes.
-    check_cancel(cancel)
-    report_progress(0.3, "meshing: marching cubes")
-    field_values = grid.values.copy()
-    if cfg.threshold > 0:
-        iso = cfg.threshold  # an absolute density level, as the user asked
-    else:
-        peak = typical_peak_density(grid, gaussians)
-        if not peak > 0:
-            raise MeshingError("no_surface", "the splats' density is zero at their own centres: nothing to mesh")
-        normalise_locally(field_values, NORMALISATION_FLOOR * peak)
-        iso = cfg.threshold_fraction
-    if not float(field_values.max()) > iso:
-        raise MeshingError(
-            "no_surface",
-            f"no density reaches the iso-level {iso:.3g} (max {float(field_values.max()):.3g}); lower mesh.threshold",
-        )
-    if cfg.fill_cavities:
-        fill_cavities(field_values, iso)
-    # The outermost samples are zero by construction (the grid has an empty margin): closed surfaces.
-    vertices_ijk, faces = mcubes.marching_cubes(field_values, iso)
-    del field_values
-    if len(faces) == 0:
-        raise MeshingError("no_surface", f"marching cubes found no surface at iso-level {iso:.3g}")
-    vertices = grid.to_world(vertices_ijk)
-    faces = faces.astype(np.int64)
-    faces = drop_degenerate(faces)
-    lap("marching_cubes")
 
     # 3. Cleanup.
     check_cancel(cancel)
@@ -229,7 +186,7 @@ def mesh_from_splats(
     lap("decimate")
     check_cancel(cancel)
     snap_mean = 0.0
-    if cfg.snap_to_splats:
+    if cfg.snap_to_splats and cfg.method == "density":  # the ridge is a density notion
         vertices, snap_mean = snap_to_ridge(vertices, faces, grid)
     vertices = taubin_smooth(vertices, faces, cfg.smooth_iterations)
     faces = drop_degenerate(faces)
