@@ -88,3 +88,17 @@ def test_rollback_rate_persists_into_the_next_fit_call():
     fitter.fit(STEPS, on_step=on_step2)
     assert abs(seen2[0]["means"] - means_schedule(fitter, 0.5)[0]) <= 1e-12 * seen2[0]["means"]
     assert seen2[-1]["opacities"] == fitter.config.lr_opacities / 2
+
+
+def test_targets_are_composited_over_the_configured_background():
+    """The fit compares renders over `recon.background` with targets over the same colour."""
+    fitter = make_fitter()
+    images = torch.rand(3, 24, 24, 3)
+    masks = torch.zeros(3, 24, 24, 1)
+    masks[:, 6:18, 6:18] = 1.0
+    fitter.config.background = [0.2, 0.4, 0.6]
+    fitter.background = torch.tensor(fitter.config.background)
+    fitter.set_targets(images, masks)
+    outside = fitter.targets[:, 0, 0]
+    assert torch.allclose(outside, torch.tensor([0.2, 0.4, 0.6]).expand(3, 3))
+    assert torch.allclose(fitter.targets[:, 10, 10], images[:, 10, 10])

@@ -128,3 +128,14 @@ def test_orbit_position_is_the_same_function_on_both_sides(blender):
     _, _, turntable = blender
     for azimuth, elevation in VIEWS + [(-30.0, 80.0)]:
         np.testing.assert_allclose(list(turntable.orbit_position(azimuth, elevation, 1.7)), orbit_position(azimuth, elevation, 1.7), atol=1e-6)
+
+
+def test_resizing_scales_each_axis_by_its_own_factor():
+    """A non-square resize (width kept, height halved) moves rows, not columns."""
+    cams = orbit_cameras(3, elevation_deg=10.0, radius=2.0, fov_deg=40.0, width=32, height=16)
+    squeezed = cams.resized(32, 8)
+    point = torch.tensor([[0.2, 0.1, 0.3]])
+    full, _ = project_points(point, cams.viewmats, cams.Ks)
+    half, _ = project_points(point, squeezed.viewmats, squeezed.Ks)
+    assert torch.allclose(half[..., 0], full[..., 0], atol=1e-5)
+    assert torch.allclose(half[..., 1], full[..., 1] / 2, atol=1e-5)
