@@ -97,7 +97,7 @@ MUTATIONS = [
              "cy = 0.5 * height - shift_y * view_size / pixel_aspect", [T_CAM, "-k", "projection"], "shifted Blender cameras misprojected"),
     Mutation("cam-principal-point", CAMERAS, "K = intrinsics_matrix(focal, focal, 0.5 * width, 0.5 * height)",
              "K = intrinsics_matrix(focal, focal, 0.5 * width - 0.5, 0.5 * height - 0.5)", [T_CAM, T_HAND], "orbit renders off by half a pixel"),
-    Mutation("cam-resize-aspect", CAMERAS, "Ks[:, 1, :] *= sy", "Ks[:, 1, :] *= sx", [T_CAM], "non-square resizes stretch the image"),
+    Mutation("cam-resize-aspect", CAMERAS, "Ks[:, 1, :] *= sy", "Ks[:, 1, :] *= sx", [T_HAND, "-k", "resizing"], "non-square resizes stretch the image"),
     Mutation("cam-c2w-no-flip", CAMERAS, "return torch.linalg.inv(c2w_gl @ flip)", "return torch.linalg.inv(c2w_gl)",
              [T_CAM], "OpenGL cameras used as OpenCV ones: everything behind the camera"),
     Mutation("cam-turntable-clockwise", TURNTABLE, "math.cos(el) * math.sin(az), -math.cos(el) * math.cos(az), math.sin(el)))",
