@@ -63,12 +63,14 @@ def test_models_preferences_list_missing_models_and_download_them_with_progress(
     prefs = bpy.context.preferences.addons[PACKAGE].preferences
     prefs.backend_mode, prefs.python_path, prefs.port, prefs.device, prefs.auto_start = "LOCAL", sys.executable, free_port(), "cpu", True
     prefs.text_to_image_model, prefs.orbit_model, prefs.models_dir = "test/tiny", "test/gated", ""
+    # the rows follow the scene's preset (standard: LPIPS-VGG); earlier tests in this bpy session may change it
+    bpy.context.scene.im3d.preset = "STANDARD"
     # LPIPS-VGG is there (a file of torchvision's size); the two diffusion models are not
     checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
     with open(checkpoints / "vgg16-397923af.pth", "wb") as f:
         f.truncate(VGG_BYTES)  # sparse: costs no disk
-    state = HubState(repos={"test/tiny": Repo(tiny_diffusers_repo(300_000)), "test/gated": Repo(tiny_diffusers_repo(2048), gated=True)})
+    state = HubState(repos={"test/tiny": Repo(tiny_diffusers_repo(300_000)), "test/gated": Repo(tiny_diffusers_repo(300_000), gated=True)})
     state.slow = 0.02
     with HubServer(state) as hub:
         process = local.local_process(prefs)

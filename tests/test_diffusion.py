@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from im3d.config import ConfigError, load_config
-from im3d.errors import Cancelled, ModelNotFoundError
+from im3d.errors import Cancelled, ModelNotFoundError, PipelineError
 
 pytest.importorskip("diffusers")
 
@@ -114,8 +114,9 @@ def test_rgba_input_uses_its_alpha_and_an_empty_mask_is_a_clear_error(config):
     ref = prepare_reference(rgba, config)
     assert ref.rgb.shape == (SIZE, SIZE, 3) and ref.mask.shape == (SIZE, SIZE, 1)
     assert ref.mask.sum() > 0 and torch.allclose(ref.rgb[0, 0], torch.ones(3))
-    with pytest.raises(ValueError, match="no object found"):
+    with pytest.raises(PipelineError, match="no object found") as caught:
         prepare_reference(torch.ones(32, 32, 3) * 0.5, config)
+    assert caught.value.code == "no_object_found"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from im3d.errors import Im3dError
@@ -81,7 +81,11 @@ def models_router(manager: Any, tasks: PullTasks) -> APIRouter:
         return tasks.current.status() if tasks.current is not None else None
 
     @router.get("", response_model=ModelList)
-    def list_models(preset: Literal["fast", "standard", "high"] = Query("standard")) -> dict[str, Any]:
+    def list_models(request: Request, preset: Literal["fast", "standard", "high"] = Query("standard")) -> dict[str, Any]:
+        # Strict like the JSON bodies: a misspelt parameter must not silently list the standard preset.
+        unknown = sorted(set(request.query_params) - {"preset"})
+        if unknown:
+            raise Im3dError("invalid_request", f"unknown query parameter(s) {unknown}; only 'preset' is accepted")
         statuses = select_statuses(config_for(preset))
         missing = [st for st in statuses if not st.present]
         pullable = [st.name for st in missing if st.pullable]
