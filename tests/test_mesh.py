@@ -62,15 +62,25 @@ def test_sphere_gives_a_watertight_mesh_on_the_sphere(sphere_result):
     r = sphere_result
     assert r.report.watertight and r.report.components == 1
     assert 1000 < r.report.faces <= SMALL["face_budget"]
-    distance = np.abs(np.linalg.norm(r.vertices, axis=1) - RADIUS)
-    # Voxels are ~0.019 here; the surface must sit on the splats, not a voxel outside them. (The
-    # fused-depth surface lands within a third of a voxel: measured 0.0049 on average.)
-    assert distance.mean() < 0.0065, distance.mean()
-    assert distance.max() < 0.015, distance.max()
+    signed = np.linalg.norm(r.vertices, axis=1) - RADIUS
+    # Voxels are ~0.019 here. The default density iso-surface (no snap: on fitted splats it is the
+    # most faithful, docs/benchmarks.md) lies outside the splat centres by the iso-level's reach,
+    # ~1.5 voxels (measured 0.029 mean at 64^3, 0.016 at 128^3), and never inside them.
+    assert (signed > 0).all() and signed.mean() < 0.035, (signed.min(), signed.mean())
+    assert signed.max() - signed.min() < 0.015, "a uniform offset, not a lumpy surface"
     mesh = trimesh.Trimesh(r.vertices, r.faces, process=True)  # welds UV seams
     assert mesh.is_watertight
-    assert mesh.volume == pytest.approx(4 / 3 * np.pi * RADIUS**3, rel=0.03)  # positive: outward winding
+    # positive: outward winding; the volume of the offset sphere the surface describes
+    assert mesh.volume == pytest.approx(4 / 3 * np.pi * (RADIUS + signed.mean()) ** 3, rel=0.03)
     assert (np.einsum("ij,ij->i", r.normals, r.vertices) > 0).all()  # vertex normals point outward
+
+
+def test_snap_puts_the_surface_on_splats_sampled_on_a_sphere(sphere_splats):
+    # For splats that lie on a sheet, the snap step moves the iso-surface onto the sheet.
+    r = mesh_from_splats(sphere_splats, MeshConfig(**SMALL, snap_to_splats=True))
+    distance = np.abs(np.linalg.norm(r.vertices, axis=1) - RADIUS)
+    assert distance.mean() < 0.004 and distance.max() < 0.015, (distance.mean(), distance.max())
+    assert r.report.mean_snap_distance > 0.01
 
 
 def test_sphere_texture_carries_the_splat_colours(sphere_result):

@@ -101,7 +101,7 @@ class MeshConfig:
     threshold_fraction: float = 0.3  # automatic iso-level, as a share of the locally normalised density
     fill_cavities: bool = True  # fill closed interior voids so a sheet of splats gives one outer surface
     snap_to_splats: bool = False  # method "density" only: move vertices inward onto the density ridge
-    method: Literal["tsdf", "density"] = "tsdf"  # surface from fused rendered splat depth, or the density iso-level
+    method: Literal["tsdf", "density"] = "density"  # density iso-level (measured best, docs/benchmarks.md), or fused rendered splat depth
     extra_views: int = 32  # tsdf: views around the object whose rendered depth is fused besides the fitted views
     truncation_voxels: float = 2.0  # tsdf: signed distances are clamped to this many voxels
     carve_with_masks: bool = True  # tsdf: voxels outside any fitted view's mask are empty (space carving)
