@@ -269,3 +269,23 @@ def test_glb_imports_into_blender_z_up_with_uvs_and_texture(box_glb, tmp_path):
     top, bottom = np.array(info["top_rgb"]), np.array(info["bottom_rgb"])
     assert top[0] > 0.6 and top[2] < 0.2, top
     assert bottom[2] > 0.6 and bottom[0] < 0.2, bottom
+
+
+def test_smoothing_sees_a_cancel_between_passes_and_equals_one_call():
+    from im3d.errors import Cancelled
+    from im3d.mesh.cleanup import taubin_smooth
+
+    sphere = trimesh.creation.icosphere(subdivisions=3, radius=RADIUS)
+    noisy = sphere.vertices + np.random.default_rng(0).normal(0, 0.01, sphere.vertices.shape)
+    reference = trimesh.Trimesh(noisy, sphere.faces, process=False)
+    trimesh.smoothing.filter_taubin(reference, lamb=0.5, nu=0.53, iterations=5)
+    assert np.allclose(taubin_smooth(noisy, sphere.faces, 5), reference.vertices, atol=1e-9)
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 2  # cancel arrives during the third pass
+
+    with pytest.raises(Cancelled):
+        taubin_smooth(noisy, sphere.faces, 100, cancel)
+    assert len(calls) == 3

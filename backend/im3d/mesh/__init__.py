@@ -188,7 +188,7 @@ def mesh_from_splats(
     snap_mean = 0.0
     if cfg.snap_to_splats and cfg.method == "density":  # the ridge is a density notion
         vertices, snap_mean = snap_to_ridge(vertices, faces, grid)
-    vertices = taubin_smooth(vertices, faces, cfg.smooth_iterations)
+    vertices = taubin_smooth(vertices, faces, cfg.smooth_iterations, cancel)
     faces = drop_degenerate(faces)
     normals = vertex_normals(vertices, faces)
     stats = mesh_statistics(vertices, faces)

@@ -9,6 +9,7 @@ from scipy import sparse
 from scipy.sparse import csgraph
 
 from im3d.mesh.density import DensityGrid, sample_grid
+from im3d.errors import check_cancel
 from im3d.mesh.errors import MeshingError
 
 
@@ -135,12 +136,20 @@ def snap_to_ridge(
     return snapped, float(depth.mean()) if len(depth) else 0.0
 
 
-def taubin_smooth(vertices: np.ndarray, faces: np.ndarray, iterations: int) -> np.ndarray:
-    """Volume-preserving smoothing (Taubin lambda|mu), light: removes marching-cubes ripples."""
+def taubin_smooth(vertices: np.ndarray, faces: np.ndarray, iterations: int, cancel=None) -> np.ndarray:
+    """Volume-preserving smoothing (Taubin lambda|mu), light: removes marching-cubes ripples.
+
+    One shrink+inflate pair per trimesh call (the same result as one call with `iterations`), so a
+    cancel is seen between pairs instead of after all of them.
+    """
     if iterations <= 0:
         return vertices
     mesh = trimesh.Trimesh(vertices, faces, process=False)
-    trimesh.smoothing.filter_taubin(mesh, lamb=0.5, nu=0.53, iterations=iterations)
+    laplacian = trimesh.smoothing.laplacian_calculation(mesh)  # built once, reused by every pass
+    for done in range(0, iterations, 2):  # trimesh alternates shrink (even index) and inflate (odd)
+        check_cancel(cancel)
+        passes = min(2, iterations - done)
+        trimesh.smoothing.filter_taubin(mesh, lamb=0.5, nu=0.53, iterations=passes, laplacian_operator=laplacian)
     return np.asarray(mesh.vertices)
 
 
