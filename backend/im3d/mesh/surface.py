@@ -2,13 +2,14 @@
 
 Two methods (`mesh.method`), measured against each other in bench/bench_mesh_fidelity.py:
 
-- ``"tsdf"`` (default): depth rendered from the splats at the fitted views and at extra views
-  around the object, fused into a truncated signed distance field, space-carved with the fitted
-  views' masks (`tsdf.py`). The surface is where the rendering puts it.
-- ``"density"``: the opacity-weighted Gaussian density, locally normalised, at a fixed share of
-  its local peak (`density.py`); optionally snapped onto the density ridge afterwards. It sits
-  where the splats' mass is, which for fitted (not surface-sampled) splats is inside the surface
-  and fattens thin parts; kept for comparison and for splats from elsewhere.
+- ``"density"`` (default): the opacity-weighted Gaussian density, locally normalised, at a fixed
+  share of its local peak (`density.py`); optionally snapped onto the density ridge afterwards
+  (off by default: on fitted splats the snap pulls the surface inward). On the fitted benchmark
+  objects it is the most faithful of the two and ~10x faster (docs/benchmarks.md).
+- ``"tsdf"``: depth rendered from the splats at the fitted views and at extra views around the
+  object, fused into a truncated signed distance field, space-carved with the fitted views' masks
+  (`tsdf.py`). It follows the rendering where the splats are opaque, but semi-transparent splats
+  leave depth holes and carving removes thin parts, so it lost on every measured object.
 """
 
 from __future__ import annotations
