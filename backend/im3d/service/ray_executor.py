@@ -257,14 +257,7 @@ class RayJobManager(JobManager):
                 job.started = time.time()
                 job.message = "starting"
                 job.version += 1
-            try:
-                self._persist(job, force=True)
-                self._run(job)  # JobManager._run: inputs, self.run_fn (= _run_remote), manifest, final state
-            except BaseException:  # never let a dispatch thread die: log and carry on with the next job
-                log.exception("dispatch error while running %s", job.id)
-                with self._lock:
-                    if job.state == "running":
-                        self._finish(job, "failed", "internal_error", "unexpected error in the job dispatcher; see the backend log")
+            self._run_guarded(job, "job dispatcher")  # JobManager._run: inputs, run_fn (= _run_remote), manifest, state
             if job.state == "succeeded" and job.started and job.finished:
                 self._durations.append(job.finished - job.started)
 

@@ -284,16 +284,21 @@ class JobManager:
                 job.message = "starting"
                 job.version += 1
             try:
-                self._persist(job, force=True)
-                self._run(job)
-            except BaseException:  # never let the worker die: log and carry on with the next job
-                log.exception("job worker error while running %s", job.id)
-                with self._lock:
-                    if job.state == "running":
-                        self._finish(job, "failed", "internal_error", "unexpected error in the job worker; see the backend log")
+                self._run_guarded(job, "job worker")
             finally:
                 with self._lock:
                     self._running = None
+
+    def _run_guarded(self, job: Job, runner: str) -> None:
+        """Run one job; an unexpected error fails that job and never kills the thread running it."""
+        try:
+            self._persist(job, force=True)
+            self._run(job)
+        except BaseException:  # log and carry on with the next job
+            log.exception("%s error while running %s", runner, job.id)
+            with self._lock:
+                if job.state == "running":
+                    self._finish(job, "failed", "internal_error", f"unexpected error in the {runner}; see the backend log")
 
     def _run(self, job: Job) -> None:
         job_dir = self.store.root / job.id
