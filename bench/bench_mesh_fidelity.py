@@ -175,7 +175,7 @@ def render_mesh(glb: dict, cameras) -> tuple[torch.Tensor, torch.Tensor]:
 def render_splats(workdir: Path, cameras, config) -> tuple[torch.Tensor, torch.Tensor]:
     from im3d.splats.model import activated, sh_degree_of
     from im3d.splats.ply import read_ply
-    from im3d.splats.rasterize import rasterize
+    from im3d.splats.raster import rasterize
 
     splats = read_ply(workdir / "splats.ply")
     p = activated(splats)

@@ -47,7 +47,7 @@ def worker(backend: str, n: int, views: int, size: int, repeats: int, threads: i
     if threads:
         torch.set_num_threads(threads)  # also the CPU backend's kernel threads
 
-    from im3d.splats.rasterize import rasterize
+    from im3d.splats.raster import rasterize
 
     device = "cuda" if backend == "gsplat" else "cpu"
     scene, sh_degree, backgrounds = make_scene(n, views, size)

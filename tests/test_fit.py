@@ -13,7 +13,7 @@ from im3d.errors import Cancelled
 from im3d.splats.fit import FitDivergedError, SplatFitter
 from im3d.splats.losses import MissingWeightsError, load_lpips, msssim_settings
 from im3d.splats.model import activated, make_splats, sh_degree_of
-from im3d.splats.rasterize import rasterize
+from im3d.splats.raster import rasterize
 
 
 def _ground_truth(num_views=8, size=64, seed=0):

@@ -15,7 +15,7 @@ from im3d.errors import Cancelled, PipelineError
 from im3d.request import JobInputs
 from im3d.pipeline import run_job, save_png
 from im3d.splats.model import activated, make_splats
-from im3d.splats.rasterize import rasterize
+from im3d.splats.raster import rasterize
 
 SMALL = {
     "recon": {

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from im3d.cameras import orbit_cameras
-from im3d.splats.rasterize import RasterizerError, pick_backend, rasterize
+from im3d.splats.raster import RasterizerError, pick_backend, rasterize
 
 SH_C0 = 0.28209479177387814
 SH_C1 = 0.4886025119029199
@@ -274,13 +274,13 @@ def test_default_strategy_accumulates_with_info(backend):
 
 
 def test_checkpointed_tiles_give_the_same_gradients(monkeypatch):
-    from im3d.splats import raster_torch
+    from im3d.splats.raster import torch_ref
 
     scene, bg = make_scene(12, n=20, views=2, width=20, height=18, sh_degree=1)
     g = torch.Generator().manual_seed(1)
     weights = (torch.randn(2, 18, 20, 4, generator=g), torch.randn(2, 18, 20, 1, generator=g))
     stored = _gradients(scene, bg, "RGB+ED", "torch", weights)
-    monkeypatch.setattr(raster_torch, "CHECKPOINT_MIN_PAIRS", 0)  # recompute every tile in backward
+    monkeypatch.setattr(torch_ref, "CHECKPOINT_MIN_PAIRS", 0)  # recompute every tile in backward
     recomputed = _gradients(scene, bg, "RGB+ED", "torch", weights)
     for name, expected in stored.items():
         torch.testing.assert_close(recomputed[name], expected, atol=1e-6, rtol=1e-5, msg=name)
@@ -307,3 +307,23 @@ def test_gsplat_matches_reference_on_cuda():
         for name, expected in ref.items():
             rel = (fast[name].cpu() - expected).norm() / expected.norm()
             assert rel < 1e-3, f"{name}: relative gradient error {rel:.2e}"
+
+
+def test_raster_package_has_no_import_cycle():
+    """Each module of `im3d.splats.raster` imports only the modules listed before it."""
+    import ast
+    from pathlib import Path
+
+    import im3d.splats.raster as raster
+
+    order = ["common", "project", "cpu", "torch_ref", "cuda_gsplat", "frontend"]
+    folder = Path(raster.__file__).parent
+    assert sorted(p.stem for p in folder.glob("*.py") if p.stem != "__init__") == sorted(order)
+    for i, name in enumerate(order):
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        imported = {
+            node.module.rsplit(".", 1)[-1]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("im3d.splats.raster")
+        }
+        assert imported <= set(order[:i]), f"{name}.py imports {sorted(imported - set(order[:i]))}"

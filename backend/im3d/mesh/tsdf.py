@@ -37,7 +37,9 @@ from im3d.cameras import Cameras, c2w_gl_to_viewmats, fov_to_focal, intrinsics_m
 from im3d.errors import check_cancel
 from im3d.mesh.density import DensityGrid, GaussianArrays, grid_bounds
 from im3d.mesh.errors import MeshingError
-from im3d.splats.raster_cpu import _run_on_threads, bin_tiles  # one thread per core, as the rasterizer
+from im3d.splats.raster.common import TILE_SIZE
+from im3d.splats.raster.cpu import bin_tiles, run_on_threads  # one thread per core, as the rasterizer
+from im3d.splats.raster.project import project_gaussians
 
 # Field of view of the extra views placed around the object (wide enough, little distortion).
 EXTRA_FOV_DEG = 40.0
@@ -104,10 +106,8 @@ def render_depths(
     contributes the depth of its density maximum along the pixel's ray (as Gaussian Opacity
     Fields do), and the pixel's depth is where its transmittance falls below one half (median
     depth: a surface, not an average over layers). Same projection, tiles, alpha rules and
-    front-to-back order as the CPU rasterizer (`raster_cpu.bin_tiles`), forward only.
+    front-to-back order as the CPU rasterizer (`raster.cpu.bin_tiles`), forward only.
     """
-    from im3d.splats.rasterize import TILE_SIZE, project_gaussians
-
     means = splats["means"].detach().cpu().float()
     quats = splats["quats"].detach().cpu().float()
     scales = torch.exp(splats["scales"].detach().cpu().float())
@@ -134,7 +134,7 @@ def render_depths(
         C = len(cams)
         out_depth = np.zeros((C, H, W), np.float32)
         out_alpha = np.zeros((C, H, W), np.float32)
-        _run_on_threads(
+        run_on_threads(
             _median_depth_tiles, C * tiles_x * tiles_y, means2d.double().numpy(), conics.double().numpy(), opacities.double().numpy(),
             means_c.numpy(), prec_c.reshape(C, -1, 9).numpy(), cams.Ks.double().numpy(),
             offsets.numpy(), gaussian_ids.numpy(), W, H, TILE_SIZE, tiles_x, tiles_y, out_depth, out_alpha,
@@ -253,7 +253,7 @@ def fuse(
         coarse_shape = tuple(int(n - 1) // stride + 1 for n in shape)
         coarse = np.empty(coarse_shape, np.float32)
         every = np.ones((1, 1, 1), np.bool_)
-        _run_on_threads(_fuse_slab, coarse_shape[0], coarse, 0, coarse_shape[0], origin, float(voxel * stride), *args, float(max(truncation, 2.0 * voxel * stride)),
+        run_on_threads(_fuse_slab, coarse_shape[0], coarse, 0, coarse_shape[0], origin, float(voxel * stride), *args, float(max(truncation, 2.0 * voxel * stride)),
                    COVERED_ALPHA, FREE_ALPHA, *carve, every, 1, coarse)  # fmt: skip
         # Cells whose samples are within the coarse band, or change sign, plus a cell around them.
         near = np.abs(coarse) < 1.0
@@ -276,7 +276,7 @@ def fuse(
     edges = np.linspace(0, shape[0], chunks + 1).astype(np.int64)
     for c in range(chunks):
         check_cancel(cancel)
-        _run_on_threads(_fuse_slab, int(edges[c + 1] - edges[c]), field, int(edges[c]), int(edges[c + 1]), origin, float(voxel), *args, float(truncation), COVERED_ALPHA, FREE_ALPHA,
+        run_on_threads(_fuse_slab, int(edges[c + 1] - edges[c]), field, int(edges[c]), int(edges[c + 1]), origin, float(voxel), *args, float(truncation), COVERED_ALPHA, FREE_ALPHA,
                    *carve, active, stride, coarse)  # fmt: skip
         if progress is not None:
             progress((c + 1) / chunks, f"fusing depth into a {shape[0]}x{shape[1]}x{shape[2]} TSDF")

@@ -24,7 +24,7 @@ from im3d.config import ReconConfig
 from im3d.errors import PipelineError, check_cancel
 from im3d.splats.losses import LossWeights, ReconstructionLoss, load_lpips, mask_iou, psnr, ssim
 from im3d.splats.model import activated, init_center, init_visual_hull, scene_bounds, sh_degree_of
-from im3d.splats.rasterize import pick_backend, rasterize
+from im3d.splats.raster import pick_backend, rasterize
 
 
 class FitDivergedError(PipelineError):

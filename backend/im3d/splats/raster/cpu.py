@@ -26,7 +26,7 @@ import torch
 from numba import njit
 from torch import Tensor
 
-from im3d.splats.rasterize import ALPHA_THRESHOLD, MAX_ALPHA, TILE_SIZE, TRANSMITTANCE_THRESHOLD
+from im3d.splats.raster.common import ALPHA_THRESHOLD, MAX_ALPHA, TILE_SIZE, TRANSMITTANCE_THRESHOLD, check_composite_inputs
 
 # Gradient slots of one list entry: d/d(mean x, mean y, conic a, b, c, opacity), then colours.
 _V_FIXED = 6
@@ -73,12 +73,13 @@ def bin_tiles(
 
 
 # Kernels are serial, release the GIL, and each call handles every `stride`-th tile from
-# `first` on; `_run_on_threads` runs one call per CPU thread. (Numba's own `parallel=True` +
+# `first` on; `run_on_threads` runs one call per CPU thread. (Numba's own `parallel=True` +
 # `prange` compiles two to three times slower, and the first call's compile counts against
 # every fresh checkout's test run.)
 
 
-def _run_on_threads(kernel, n_jobs: int, *args) -> None:
+def run_on_threads(kernel, n_jobs: int, *args) -> None:
+    """Call ``kernel(first, stride, *args)`` once per thread (`num_threads`), ``first = 0..stride-1``."""
     n_threads = max(1, min(num_threads(), n_jobs))
     if n_threads == 1:
         kernel(0, 1, *args)
@@ -264,7 +265,7 @@ class _CompositeCPU(torch.autograd.Function):
         out_alphas = np.zeros((C, height, width), dtype=np.float32)
         final_T = np.ones((C, height, width), dtype=np.float64)
         n_walked = np.zeros((C, height, width), dtype=np.int32)
-        _run_on_threads(
+        run_on_threads(
             _forward_tiles, C * tiles_x * tiles_y, arrays["means2d"], arrays["conics"], arrays["colors"],
             arrays["opacities"], arrays["backgrounds"], has_background, *layout,
             out_colors, out_alphas, final_T, n_walked,
@@ -290,7 +291,7 @@ class _CompositeCPU(torch.autograd.Function):
         v_out_colors = _numpy32(v_render_colors)
         v_out_alphas = _numpy32(v_render_alphas[..., 0])
         v_entries = np.zeros((len(layout[1]), _V_FIXED + D), dtype=np.float64)
-        _run_on_threads(
+        run_on_threads(
             _backward_tiles, C * layout[5] * layout[6], arrays["means2d"], arrays["conics"], arrays["colors"],
             arrays["opacities"], arrays["backgrounds"], has_background, *layout,
             final_T, n_walked, v_out_colors, v_out_alphas, v_entries,
@@ -323,11 +324,6 @@ def composite_cpu(
     height: int,
     backgrounds: Tensor | None = None,  # [C, D]
 ) -> tuple[Tensor, Tensor]:  # colors [C, H, W, D], alphas [C, H, W, 1]
-    C, N, D = colors.shape
-    assert means2d.shape == (C, N, 2), means2d.shape
-    assert conics.shape == (C, N, 3), conics.shape
-    assert opacities.shape == (C, N), opacities.shape
-    assert radii.shape == (C, N, 2), radii.shape
-    assert depths.shape == (C, N), depths.shape
+    check_composite_inputs(means2d, conics, colors, opacities, radii, depths)
     return _CompositeCPU.apply(means2d, conics, colors, opacities, backgrounds, radii, depths, int(width), int(height))
 

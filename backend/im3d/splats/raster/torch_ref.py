@@ -1,7 +1,7 @@
 """Plain-PyTorch compositing: the reference backend (autograd, any device, MPS included).
 
 Every pixel evaluates every Gaussian whose 3-sigma box overlaps its tile (the box is exact:
-outside it alpha < 1/255, see `rasterize.project_gaussians`), in depth order, with gsplat's rules:
+outside it alpha < 1/255, see `project.project_gaussians`), in depth order, with gsplat's rules:
 ``alpha = min(0.999, opacity * exp(-sigma))``, skipped when ``sigma < 0`` or ``alpha < 1/255``,
 and the pixel stops before the Gaussian that would bring its transmittance to 1e-4 or below.
 Tiles only bound memory; a crowded tile's compositing is checkpointed, so the backward pass
@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from im3d.splats.rasterize import ALPHA_THRESHOLD, MAX_ALPHA, TILE_SIZE, TRANSMITTANCE_THRESHOLD
+from im3d.splats.raster.common import ALPHA_THRESHOLD, MAX_ALPHA, TILE_SIZE, TRANSMITTANCE_THRESHOLD, check_composite_inputs
 
 # Tiles with more pixel-Gaussian pairs than this are recomputed in the backward pass rather
 # than stored (checkpointing a tiny tile costs more than it saves, and the first use of
@@ -56,12 +56,7 @@ def composite_torch(
     backgrounds: Tensor | None = None,  # [C, D]
     tile_size: int = TILE_SIZE,
 ) -> tuple[Tensor, Tensor]:  # colors [C, H, W, D], alphas [C, H, W, 1]
-    C, N, D = colors.shape
-    assert means2d.shape == (C, N, 2), means2d.shape
-    assert conics.shape == (C, N, 3), conics.shape
-    assert opacities.shape == (C, N), opacities.shape
-    assert radii.shape == (C, N, 2), radii.shape
-    assert depths.shape == (C, N), depths.shape
+    C, N, D = check_composite_inputs(means2d, conics, colors, opacities, radii, depths)
     dtype, device = means2d.dtype, means2d.device
     use_checkpoint = torch.is_grad_enabled() and any(
         t.requires_grad for t in (means2d, conics, colors, opacities)

@@ -1,14 +1,15 @@
 """CUDA backend: a thin call of `gsplat.rasterization` in non-packed mode.
 
-gsplat is imported here only, and only once `rasterize.pick_backend` has seen CUDA tensors on
-a machine with CUDA: importing it elsewhere can start a JIT compile of its extension.
+`gsplat.rasterization` is imported here only, inside the call, and only once `pick_backend` has
+seen CUDA tensors on a machine with CUDA: loading it elsewhere can start a JIT compile of its
+CUDA extension.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from im3d.splats.rasterize import RasterizerError
+from im3d.splats.raster.common import RasterizerError
 
 
 def rasterize_gsplat(
