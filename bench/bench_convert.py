@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "backend"))
 
 import torch  # noqa: E402
 
-from im3d.diffusion.tiny import write_sgm_checkpoint  # noqa: E402
+from im3d.testing.tiny_models import write_sgm_checkpoint  # noqa: E402
 
 CHILD = """
 import sys, time

@@ -3,7 +3,7 @@
     backend/.venv/bin/python bench/bench_diffusion.py                 # CUDA: SV3D size; CPU: tiny
     backend/.venv/bin/python bench/bench_diffusion.py --size sv3d --views 21 --image-size 576 --steps 25
 
-Builds the architecture (`im3d.diffusion.tiny.ORBIT_CONFIGS`: "tiny" or SV3D_p's full size) with
+Builds the architecture (`im3d.testing.tiny_models.ORBIT_CONFIGS`: "tiny" or SV3D_p's full size) with
 random weights, saves it with `save_pretrained(safe_serialization=True)` and runs it through the
 product's own path (`generate_orbit`, `rediffuse`: folder lookup, `from_pretrained`, warm cache),
 so load time, denoising, decoding and the evaluation count are what a job would see. Random
@@ -28,7 +28,7 @@ from im3d.config import load_config
 from im3d.diffusion import models
 from im3d.diffusion.foreground import ReferenceImage
 from im3d.diffusion.orbit_video import generate_orbit, load_orbit_pipeline, rediffuse
-from im3d.diffusion.tiny import build_orbit_pipeline
+from im3d.testing.tiny_models import build_orbit_pipeline
 
 
 def peak_memory_gib(device: torch.device) -> float:

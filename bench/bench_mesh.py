@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "backend"))
 
 from im3d.config import MeshConfig  # noqa: E402
 from im3d.mesh import export_glb, mesh_from_splats  # noqa: E402
-from im3d.mesh.synthetic import splats_on_surface, stripes_color  # noqa: E402
+from im3d.testing.synthetic import splats_on_surface, stripes_color  # noqa: E402
 from im3d.mesh.texture import UVMesh, texel_surface_points  # noqa: E402
 from im3d.splats.ply import read_ply, write_ply  # noqa: E402
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlparse
 
+from im3d.testing.fake_http import JsonHandler
+
 
 @dataclass
 class Repo:
@@ -44,11 +46,8 @@ class HubState:
 
 
 def _handler(state: HubState) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(JsonHandler):
         protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args) -> None:  # quiet
-            pass
 
         def _log(self) -> None:
             auth = self.headers.get("Authorization", "")
@@ -56,22 +55,11 @@ def _handler(state: HubState) -> type[BaseHTTPRequestHandler]:
                 state.requests.append({"method": self.command, "path": unquote(urlparse(self.path).path),
                                        "range": self.headers.get("Range"), "token": auth.removeprefix("Bearer ") or None})
 
-        def _json(self, status: int, body: object, headers: dict | None = None) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
-
         def _error(self, status: int, code: str | None, message: str) -> None:
             headers = {"X-Error-Message": message}
             if code:
                 headers["X-Error-Code"] = code
-            self._json(status, {"error": message}, headers)
+            self.send_json(status, {"error": message}, headers)
 
         def do_HEAD(self) -> None:
             self.do_GET()
@@ -113,7 +101,7 @@ def _handler(state: HubState) -> type[BaseHTTPRequestHandler]:
                  "lfs": {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}}
                 for name, data in sorted(repo.files.items())
             ]
-            self._json(200, {"id": repo_id, "modelId": repo_id, "sha": repo.sha, "private": False,
+            self.send_json(200, {"id": repo_id, "modelId": repo_id, "sha": repo.sha, "private": False,
                              "gated": "manual" if repo.gated else False, "cardData": {"license": repo.license},
                              "siblings": siblings, "tags": []})
 

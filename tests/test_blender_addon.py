@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import http.server
 import importlib.util
-import json
 import socket
 import sys
 import threading
@@ -17,6 +16,7 @@ import threading
 import pytest
 
 from blender_session import ROOT, import_bpy
+from im3d.testing.fake_http import JsonHandler
 
 bpy = import_bpy()
 import addon_utils  # noqa: E402
@@ -120,21 +120,10 @@ def test_generate_needs_a_prompt_or_image(addon):
         bpy.ops.im3d.generate()
 
 
-class _LyingBackend(http.server.BaseHTTPRequestHandler):
+class _LyingBackend(JsonHandler):
     """Speaks protocol v1 but serves an artifact whose bytes differ from its manifest entry."""
 
     glb = b"glTF-not-really" * 10
-
-    def log_message(self, *args):
-        pass
-
-    def _json(self, status, payload):
-        body = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
     def _status(self):
         listed = hashlib.sha256(b"the bytes the backend meant to send").hexdigest()
@@ -145,20 +134,20 @@ class _LyingBackend(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         if self.path == "/v1/health":
-            self._json(200, {"version": "test", "protocol": 1, "device": "cpu", "models_loaded": [], "queue_length": 0, "running_job": None})
+            self.send_json(200, {"version": "test", "protocol": 1, "device": "cpu", "models_loaded": [], "queue_length": 0, "running_job": None})
         elif self.path == "/v1/jobs/job1":
-            self._json(200, self._status())
+            self.send_json(200, self._status())
         elif self.path == "/v1/jobs/job1/artifacts/mesh.glb":
             self.send_response(200)
             self.send_header("Content-Length", str(len(self.glb)))
             self.end_headers()
             self.wfile.write(self.glb)
         else:
-            self._json(404, {"error": {"code": "not_found", "message": "no such route"}})
+            self.send_json(404, {"error": {"code": "not_found", "message": "no such route"}})
 
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self._json(201, {"id": "job1"})
+        self.send_json(201, {"id": "job1"})
 
 
 def test_corrupt_result_leaves_the_scene_unchanged(addon):

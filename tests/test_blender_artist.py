@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from blender_session import import_bpy
+from im3d.testing.fake_http import JsonHandler
 from test_blender_addon import PACKAGE, free_port, fresh_scene, install_extension
 
 bpy = import_bpy()
@@ -76,33 +77,23 @@ class Double(http.server.ThreadingHTTPServer):
         self.server_close()
 
 
-class DoubleHandler(http.server.BaseHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def _json(self, status, payload):
-        body = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+class DoubleHandler(JsonHandler):
 
     def do_GET(self):
         server: Double = self.server
         parts = self.path.strip("/").split("/")
         if self.path == "/v1/health":
-            return self._json(200, {"version": "double", "protocol": 1, "device": "cpu", "models_loaded": [], "queue_length": 0, "running_job": None})
+            return self.send_json(200, {"version": "double", "protocol": 1, "device": "cpu", "models_loaded": [], "queue_length": 0, "running_job": None})
         if self.path.startswith("/v1/models?") and server.models is not None:
-            return self._json(200, server.models)
+            return self.send_json(200, server.models)
         if len(parts) == 3 and parts[1] == "jobs" and parts[2] in server.jobs:
             glb = server.jobs[parts[2]]
             if server.fail is not None:
-                return self._json(200, {
+                return self.send_json(200, {
                     "id": parts[2], "kind": "refine", "state": "failed", "stage": "fit", "progress": 0.1, "message": "", "eta_s": None,
                     "error": server.fail, "previews": [], "artifacts": [],
                 })
-            return self._json(200, {
+            return self.send_json(200, {
                 "id": parts[2], "kind": "refine", "state": "succeeded", "stage": "export", "progress": 1.0, "message": "", "eta_s": None,
                 "error": None, "previews": [], "artifacts": [{"name": "mesh.glb", "size": len(glb), "sha256": hashlib.sha256(glb).hexdigest()}],
             })
@@ -112,7 +103,7 @@ class DoubleHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(glb)))
             self.end_headers()
             return self.wfile.write(glb)
-        self._json(404, {"error": {"code": "not_found", "message": f"no route {self.path}"}})
+        self.send_json(404, {"error": {"code": "not_found", "message": f"no route {self.path}"}})
 
     def do_POST(self):
         server: Double = self.server
@@ -122,15 +113,15 @@ class DoubleHandler(http.server.BaseHTTPRequestHandler):
                 meta = json.loads(archive.read("transforms.json"))
             upload = f"up{len(server.uploads)}"
             server.uploads[upload] = meta["im3d"]["objects"][0]
-            return self._json(201, {"upload_id": upload})
+            return self.send_json(201, {"upload_id": upload})
         if self.path == "/v1/jobs":
             request = json.loads(body)
             server.requests.append(request)
             server.created += 1
             job = f"job{server.created}"
             server.jobs[job] = server.glbs[server.uploads[request["views"]]]
-            return self._json(201, {"id": job})
-        self._json(404, {"error": {"code": "not_found", "message": "no route"}})
+            return self.send_json(201, {"id": job})
+        self.send_json(404, {"error": {"code": "not_found", "message": "no route"}})
 
 
 def world_glb(obj, folder: Path) -> bytes:

@@ -69,7 +69,7 @@ def backend(tmp_path_factory):
     prefs = bpy.context.preferences.addons[PACKAGE].preferences
     prefs.backend_mode, prefs.python_path, prefs.port, prefs.device, prefs.auto_start = "LOCAL", sys.executable, free_port(), "cpu", True
     models = tmp_path_factory.mktemp("models")
-    from im3d.diffusion.tiny import build_orbit_model, build_text_to_image_model
+    from im3d.testing.tiny_models import build_orbit_model, build_text_to_image_model
 
     prefs.text_to_image_model = str(build_text_to_image_model(models / "t2i"))
     prefs.orbit_model = str(build_orbit_model(models / "orbit"))

@@ -36,13 +36,7 @@ from im3d.errors import Cancelled
 MANIFEST = Path(__file__).parent / "fixtures" / "sv3d_manifest.json.gz"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a loaded CI machine threads contend badly."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def manifest(variant: str) -> dict[str, tuple[int, ...]]:
@@ -159,7 +153,7 @@ def test_vae_mapping_matches_diffusers_ldm_helper():
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    from im3d.diffusion.tiny import write_sgm_checkpoint
+    from im3d.testing.tiny_models import write_sgm_checkpoint
 
     folder = tmp_path_factory.mktemp("sgm")
     path, pipe = write_sgm_checkpoint(folder / "sv3d_p.safetensors", manifest("sv3d_p"))
@@ -273,7 +267,7 @@ def test_converted_sv3d_u_loads_without_camera_ids(tmp_path):
     """SV3D_u: a 256-wide vector (cond_aug only); the folder loads and is told no camera."""
     from im3d.diffusion.orbit_video import OrbitVideoPipeline
     from im3d.diffusion.profiles import detect_profile
-    from im3d.diffusion.tiny import write_sgm_checkpoint
+    from im3d.testing.tiny_models import write_sgm_checkpoint
 
     path, _ = write_sgm_checkpoint(tmp_path / "sv3d_u.safetensors", manifest("sv3d_u"))
     out = convert_sv3d_checkpoint(path, tmp_path / "sv3d_u", unet_head_dim=16, clip_head_dim=16)
@@ -290,7 +284,7 @@ def test_stock_svd_folder_loads_and_samples(tmp_path):
     from diffusers import StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel
 
     from im3d.diffusion.orbit_video import OrbitVideoPipeline
-    from im3d.diffusion.tiny import ORBIT_CONFIGS, build_orbit_pipeline
+    from im3d.testing.tiny_models import ORBIT_CONFIGS, build_orbit_pipeline
 
     tiny = build_orbit_pipeline("tiny")
     unet_config = {k: v for k, v in ORBIT_CONFIGS["tiny"]["unet"].items() if k != "addition_time_embed_dims"}

@@ -30,18 +30,12 @@ from im3d.diffusion.orbit_video import (
     steps_for_strength,
 )
 from im3d.diffusion.text_to_image import generate_reference_image
-from im3d.diffusion.tiny import build_orbit_model, build_text_to_image_model
+from im3d.testing.tiny_models import build_orbit_model, build_text_to_image_model
 
 VIEWS, SIZE, STEPS = 4, 64, 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a loaded CI machine threads contend badly."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="session")

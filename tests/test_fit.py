@@ -7,32 +7,17 @@ import math
 import pytest
 import torch
 
-from im3d.cameras import orbit_cameras
 from im3d.config import ReconConfig
 from im3d.errors import Cancelled
 from im3d.splats.fit import FitDivergedError, SplatFitter
 from im3d.splats.losses import MissingWeightsError, load_lpips, msssim_settings
-from im3d.splats.model import activated, make_splats, sh_degree_of
-from im3d.splats.raster import rasterize
+from im3d.splats.model import sh_degree_of
+from im3d.testing.synthetic import splat_ball_views
 
 
 def _ground_truth(num_views=8, size=64, seed=0):
     """A small coloured object made of Gaussians, rendered from an orbit: a scene with a known answer."""
-    g = torch.Generator().manual_seed(seed)
-    n = 300
-    direction = torch.randn(n, 3, generator=g)
-    means = 0.35 * direction / direction.norm(dim=-1, keepdim=True)  # a sphere shell of radius 0.35
-    rgb = (means / 0.7 + 0.5).clamp(0.05, 0.95)  # colour varies over the surface
-    splats = make_splats(means, rgb, 0.06, opacity=0.9)
-    cams = orbit_cameras(num_views, elevation_deg=15, radius=2.0, fov_deg=40, width=size)
-    p = activated(splats)
-    with torch.no_grad():
-        colors, alphas, _ = rasterize(
-            p["means"], p["quats"], p["scales"], p["opacities"], p["colors"], cams.viewmats, cams.Ks, size, size,
-            sh_degree=0, backgrounds=torch.zeros(num_views, 3), backend="cpu",
-        )
-    images = torch.where(alphas > 1e-6, colors / alphas.clamp_min(1e-6), torch.zeros_like(colors)).clamp(0, 1)
-    return cams, images, alphas
+    return splat_ball_views(num_views, size, count=300, radius=0.35, scale=0.06, opacity=0.9, seed=seed)
 
 
 def _config(**kw):

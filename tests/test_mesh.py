@@ -17,7 +17,7 @@ import trimesh
 from im3d.config import MeshConfig
 from im3d.errors import Cancelled
 from im3d.mesh import MeshingError, export_glb, mesh_from_splats, mesh_ply_to_glb
-from im3d.mesh.synthetic import splats_on_surface, stripes_color
+from im3d.testing.synthetic import splats_on_surface, stripes_color
 from im3d.splats.ply import write_ply
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -155,3 +155,21 @@ def test_same_seed_gives_byte_identical_splats_twice_in_one_process():
 @pytest.mark.slow
 def test_same_seed_gives_byte_identical_splats_across_processes(tmp_path):
     assert run_fits(tmp_path, 5) == run_fits(tmp_path, 5)
+
+
+def test_the_product_never_imports_the_testing_package():
+    """`im3d.testing` (tiny models, synthetic scenes, fake HTTP) serves tests and benches only."""
+    import ast
+    from pathlib import Path
+
+    import im3d
+
+    package = Path(im3d.__file__).parent
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        if "testing" in path.relative_to(package).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.relative_to(package)}: {m}" for m in modules if m == "im3d.testing" or m.startswith("im3d.testing.")]
+    assert offenders == []

@@ -8,14 +8,13 @@ import pytest
 import torch
 import trimesh
 
-from im3d.cameras import orbit_cameras, write_transforms
+from im3d.cameras import write_transforms
 from im3d.config import load_config
-from im3d.diffusion.tiny import build_orbit_model, build_text_to_image_model
+from im3d.testing.tiny_models import build_orbit_model, build_text_to_image_model
 from im3d.errors import Cancelled, PipelineError
 from im3d.request import JobInputs
 from im3d.pipeline import run_job, save_png
-from im3d.splats.model import activated, make_splats
-from im3d.splats.raster import rasterize
+from im3d.testing.synthetic import splat_ball_views
 
 SMALL = {
     "recon": {
@@ -27,28 +26,12 @@ SMALL = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _views_dataset(root, size=32, views=8):
     """A rendered ground-truth object (a coloured ball of Gaussians) as a transforms.json set."""
-    g = torch.Generator().manual_seed(1)
-    d = torch.randn(400, 3, generator=g)
-    means = 0.3 * d / d.norm(dim=-1, keepdim=True)
-    splats = make_splats(means, (means / 0.6 + 0.5).clamp(0.05, 0.95), 0.07, opacity=0.95)
-    cams = orbit_cameras(views, elevation_deg=15, radius=2.0, fov_deg=40, width=size)
-    p = activated(splats)
-    with torch.no_grad():
-        colors, alphas, _ = rasterize(
-            p["means"], p["quats"], p["scales"], p["opacities"], p["colors"], cams.viewmats, cams.Ks, size, size,
-            sh_degree=0, backgrounds=torch.zeros(views, 3), backend="cpu",
-        )
-    rgb = (colors / alphas.clamp_min(1e-6)).clamp(0, 1)
+    cams, rgb, alphas = splat_ball_views(views, size, count=400, radius=0.3, scale=0.07, opacity=0.95, seed=1)
     names = []
     for i in range(views):
         names.append(f"images/{i:02d}.png")

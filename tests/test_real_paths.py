@@ -17,20 +17,18 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from im3d.config import Config
 from im3d.server import create_app
+from im3d.testing.synthetic import ball_views_zip
 
 TOKEN = "real-paths-" + "t" * 32
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -50,34 +48,10 @@ STAGES = ["load", "fit", "mesh", "export"]
 
 def sphere_views_zip(num_views: int = 4, size: int = 24) -> bytes:
     """RGBA renders of a centred ball (alpha is the mask), as a NeRF-synthetic style zip."""
-    from im3d.cameras import orbit_cameras, write_transforms
-
-    cameras = orbit_cameras(num_views, elevation_deg=15.0, radius=2.5, fov_deg=40.0, width=size)
-    radius_px = float(cameras.Ks[0, 0, 0]) * 0.35 / 2.5
-    yy, xx = np.mgrid[0:size, 0:size] + 0.5
-    inside = (xx - size / 2) ** 2 + (yy - size / 2) ** 2 <= radius_px**2
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive, tempfile.TemporaryDirectory() as tmp:
-        paths = []
-        for i in range(num_views):
-            rgba = np.zeros((size, size, 4), np.uint8)
-            rgba[inside] = (200, 60 + 30 * i, 40, 255)
-            png = io.BytesIO()
-            Image.fromarray(rgba, "RGBA").save(png, format="PNG")
-            archive.writestr(f"images/r_{i}.png", png.getvalue())
-            paths.append(f"./images/r_{i}")
-        write_transforms(Path(tmp) / "transforms.json", cameras, paths)
-        archive.writestr("transforms.json", (Path(tmp) / "transforms.json").read_text())
-    return buffer.getvalue()
+    return ball_views_zip(num_views, size, green_step=30)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Same thread count in this process and the subprocess: float sums are order-dependent."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def serve(tmp_path, run_fn=None):

@@ -16,16 +16,10 @@ import pytest
 import torch
 
 from im3d.diffusion.orbit_video import guidance_per_frame
-from im3d.diffusion.tiny import build_orbit_pipeline
+from im3d.testing.tiny_models import build_orbit_pipeline
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a loaded CI machine threads contend badly."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def sgm_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 700.0, rho: float = 7.0) -> torch.Tensor:

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import time
-import zipfile
 
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from im3d.config import Config
 from im3d.server import create_app
+from im3d.testing.synthetic import ball_views_zip
 
 TOKEN = "e2e-token-" + "z" * 32
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -26,30 +23,7 @@ TINY = {
 
 def sphere_views_zip(num_views=6, size=32) -> bytes:
     """RGBA renders of a centred ball (alpha is the mask), as a NeRF-synthetic style zip."""
-    from im3d.cameras import orbit_cameras, write_transforms
-
-    cameras = orbit_cameras(num_views, elevation_deg=15.0, radius=2.5, fov_deg=40.0, width=size)
-    focal = float(cameras.Ks[0, 0, 0])
-    radius_px = focal * 0.35 / 2.5
-    yy, xx = np.mgrid[0:size, 0:size] + 0.5
-    inside = (xx - size / 2) ** 2 + (yy - size / 2) ** 2 <= radius_px**2
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        paths = []
-        for i in range(num_views):
-            rgba = np.zeros((size, size, 4), np.uint8)
-            rgba[inside] = (200, 60 + 20 * i, 40, 255)
-            png = io.BytesIO()
-            Image.fromarray(rgba, "RGBA").save(png, format="PNG")
-            archive.writestr(f"images/r_{i}.png", png.getvalue())
-            paths.append(f"./images/r_{i}")
-        import tempfile
-        from pathlib import Path
-
-        with tempfile.TemporaryDirectory() as tmp:
-            write_transforms(Path(tmp) / "transforms.json", cameras, paths)
-            archive.writestr("transforms.json", (Path(tmp) / "transforms.json").read_text())
-    return buffer.getvalue()
+    return ball_views_zip(num_views, size, green_step=20)
 
 
 @pytest.mark.slow  # about a minute on a 2-core CPU (torch import, fitting, marching cubes)

@@ -22,7 +22,7 @@ from im3d.errors import Cancelled
 from im3d.mesh import bake_views, mesh_from_splats, splats_to_gaussians
 from im3d.mesh.bake_views import ViewImages
 from im3d.mesh.cleanup import vertex_normals
-from im3d.mesh.synthetic import splats_on_surface
+from im3d.testing.synthetic import splats_on_surface
 from im3d.mesh.texture import bake_albedo, texel_surface_points, unwrap
 from im3d.mesh.zbuffer import render_unlit, uv_texture_shader
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from im3d.diffusion.models import load_pipeline, release_models, resolve_model_folder, weights_variant
-from im3d.diffusion.tiny import build_text_to_image_model
+from im3d.testing.tiny_models import build_text_to_image_model
 from im3d.weights import diffusers_folder_problems, model_status
 
 

@@ -233,7 +233,7 @@ def test_pull_of_the_official_sv3d_downloads_one_file_and_converts_it(hub_env, t
     import json
 
     from im3d.diffusion.models import resolve_model_folder
-    from im3d.diffusion.tiny import write_sgm_checkpoint
+    from im3d.testing.tiny_models import write_sgm_checkpoint
 
     manifest = json.loads(gzip.open(Path(__file__).parent / "fixtures" / "sv3d_manifest.json.gz").read())
     shapes = {name: tuple(shape) for name, shape in manifest["checkpoints"]["sv3d_p"].items()}

@@ -573,11 +573,26 @@ def _write_component(folder: Path, plan: ComponentPlan, reader: Any, header: dic
         (folder / f"{plan.weights_name}.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+# SVD / SV3D's sampler: EDM sigmas (Karras, 0.002 .. 700), v-prediction, continuous timesteps.
+SVD_SCHEDULER = {
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "sigma_max": 700.0,
+    "sigma_min": 0.002,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "timestep_type": "continuous",
+    "use_karras_sigmas": True,
+}
+
+
 def _write_configs(root: Path, plan: ConversionPlan) -> None:
     from diffusers import EulerDiscreteScheduler
     from transformers import CLIPImageProcessor, CLIPVisionConfig
-
-    from im3d.diffusion.tiny import SVD_SCHEDULER
 
     for component in plan.components:
         if component.name == "image_encoder":

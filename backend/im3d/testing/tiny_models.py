@@ -1,4 +1,4 @@
-"""Randomly initialised models in the real classes, for tests, benchmarks and offline demos.
+"""Randomly initialised models in the real classes, for tests and benchmarks.
 
 `build_orbit_model(folder, "tiny" | "sv3d")` and `build_text_to_image_model(folder)` write a
 diffusers-layout folder (`save_pretrained(safe_serialization=True)`) that the product then loads
@@ -14,21 +14,7 @@ from pathlib import Path
 
 import torch
 
-# SVD / SV3D's sampler: EDM sigmas (Karras, 0.002 .. 700), v-prediction, continuous timesteps.
-SVD_SCHEDULER = {
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "interpolation_type": "linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "v_prediction",
-    "sigma_max": 700.0,
-    "sigma_min": 0.002,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "timestep_type": "continuous",
-    "use_karras_sigmas": True,
-}
+from im3d.diffusion.convert_sv3d import SVD_SCHEDULER
 
 ORBIT_CONFIGS = {
     "tiny": {
