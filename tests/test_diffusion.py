@@ -273,3 +273,13 @@ def test_new_diffusion_settings_are_range_checked():
     for key, value in [("frame_fill", 0.0), ("orbit_fov_deg", 170.0), ("text_to_image_size", 100), ("cond_aug", -1.0)]:
         with pytest.raises(ConfigError, match=f"diffusion.{key}"):
             load_config(overrides={"diffusion": {key: value}})
+
+
+@pytest.mark.parametrize("shape,size", [((2, 3, 64, 48), (32, 32)), ((1, 3, 20, 20), (40, 30)), ((1, 3, 224, 224), (224, 224))])
+def test_own_antialiased_resize_matches_diffusers(shape, size):
+    """`resize_antialiased` is ours; diffusers' private SVD helper (same preprocessing) is the oracle."""
+    svd = pytest.importorskip("diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion")
+    from im3d.diffusion.orbit_video import resize_antialiased
+
+    images = torch.rand(*shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    torch.testing.assert_close(resize_antialiased(images, size), svd._resize_with_antialiasing(images, size), rtol=1e-5, atol=1e-5)

@@ -327,3 +327,18 @@ def test_raster_package_has_no_import_cycle():
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("im3d.splats.raster")
         }
         assert imported <= set(order[:i]), f"{name}.py imports {sorted(imported - set(order[:i]))}"
+
+
+@pytest.mark.parametrize("degree", [0, 1, 2, 3, 4])
+def test_own_sh_bases_and_covariances_match_gsplats(degree):
+    """`project.py` has its own SH bases and covariances; gsplat's (private) torch ones are the oracle."""
+    oracle = pytest.importorskip("gsplat.cuda._torch_impl")
+    from im3d.splats.raster.project import quat_scale_to_covar, sh_bases
+
+    g = torch.Generator().manual_seed(degree)
+    dirs = torch.nn.functional.normalize(torch.randn(64, 3, generator=g, dtype=torch.float64), dim=-1)
+    expected = oracle._eval_sh_bases_fast((degree + 1) ** 2, dirs)
+    torch.testing.assert_close(sh_bases(degree, dirs), expected, rtol=1e-12, atol=1e-12)
+    quats, scales = torch.randn(64, 4, generator=g, dtype=torch.float64), torch.rand(64, 3, generator=g, dtype=torch.float64)
+    covars, _ = oracle._quat_scale_to_covar_preci(quats, scales, compute_preci=False)
+    torch.testing.assert_close(quat_scale_to_covar(quats, scales), covars, rtol=1e-12, atol=1e-12)

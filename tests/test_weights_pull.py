@@ -311,3 +311,12 @@ def test_convert_command_refuses_what_it_cannot_convert(tmp_path, capsys):
     pickle.write_bytes(b"\x80\x04not loaded")
     assert main(["models", "convert", str(pickle), "--out", str(tmp_path / "out")]) != 0
     assert "pickle" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_the_private_xet_abort_we_call_best_effort_still_exists():
+    """`pull._abort_xet` imports huggingface_hub's private `abort_xet_session` (no public API stops
+    hf_xet's transfers); a huggingface_hub upgrade that moves it turns the abort into a no-op, so
+    the locked version must still have it."""
+    from huggingface_hub.utils._xet import abort_xet_session
+
+    assert callable(abort_xet_session)

@@ -51,11 +51,7 @@ from diffusers.models.embeddings import Timesteps
 from diffusers.models.unets.unet_spatio_temporal_condition import (
     UNetSpatioTemporalConditionOutput,
 )
-from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import (
-    StableVideoDiffusionPipeline,
-    _append_dims,
-    _resize_with_antialiasing,
-)
+from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import StableVideoDiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
@@ -238,6 +234,29 @@ class OrbitVideoPipelineOutput(BaseOutput):
     frames: Tensor  # [B, F, 3, H, W] in [0, 1] (model frame order), or latents [B, F, 4, h, w]
 
 
+def resize_antialiased(images: Tensor, size: tuple[int, int]) -> Tensor:
+    """[B, C, H, W] -> [B, C, *size]: Gaussian blur against aliasing, then bicubic (corners aligned).
+
+    The CLIP preprocessing SVD / SV3D were trained with (diffusers' SVD pipeline and Stability's
+    sgm resize this way): sigma ``max((H / h - 1) / 2, 0.001)`` per axis as in skimage, a kernel
+    of about 4 sigma (odd, at least 3 taps), reflected borders.
+    """
+    blurred = images
+    for axis, (old, new) in ((-1, (images.shape[-1], size[1])), (-2, (images.shape[-2], size[0]))):
+        sigma = max((old / new - 1.0) / 2.0, 0.001)
+        taps = int(max(4.0 * sigma, 3))
+        taps += 1 - taps % 2  # odd
+        x = torch.arange(taps, dtype=images.dtype, device=images.device) - taps // 2
+        kernel = torch.exp(-(x * x) / (2 * sigma * sigma))
+        kernel = kernel / kernel.sum()
+        half = taps // 2
+        shape, pad = ((1, 1, 1, taps), (half, half, 0, 0)) if axis == -1 else ((1, 1, taps, 1), (0, 0, half, half))
+        B, C, H, W = blurred.shape
+        padded = F.pad(blurred.reshape(B * C, 1, H, W), pad, mode="reflect")
+        blurred = F.conv2d(padded, kernel.reshape(shape)).reshape(B, C, H, W)
+    return F.interpolate(blurred, size=size, mode="bicubic", align_corners=True)
+
+
 def steps_for_strength(num_inference_steps: int, strength: float) -> int:
     """Denoising steps run at re-diffusion strength s: ceil(s·N), at least 1 (s = 1: all N)."""
     if not 0.0 < strength <= 1.0:
@@ -350,7 +369,7 @@ class OrbitVideoPipeline(DiffusionPipeline):
     def encode_clip(self, image: Tensor) -> Tensor:
         """[B, 3, H, W] in [0, 1] -> [B, 1, D] CLIP image embeddings."""
         size = self.image_encoder.config.image_size
-        x = _resize_with_antialiasing(image * 2.0 - 1.0, (size, size))
+        x = resize_antialiased(image * 2.0 - 1.0, (size, size))
         x = (x + 1.0) / 2.0
         mean = torch.tensor(self.feature_extractor.image_mean, device=x.device, dtype=x.dtype)[:, None, None]
         std = torch.tensor(self.feature_extractor.image_std, device=x.device, dtype=x.dtype)[:, None, None]
@@ -466,7 +485,7 @@ class OrbitVideoPipeline(DiffusionPipeline):
 
         # 5. guidance per frame
         guidance = guidance_per_frame(num_frames, min_guidance_scale, max_guidance_scale, guidance_profile)
-        guidance = _append_dims(guidance[None].to(device, dtype), latents.ndim)  # [1, F, 1, 1, 1]
+        guidance = guidance.to(device, dtype).reshape(1, num_frames, 1, 1, 1)  # broadcasts over latents
 
         # 6. denoising loop
         self._num_timesteps = len(timesteps)

@@ -286,6 +286,10 @@ def _fetch_hub_file(item: FileToFetch, counter: _Bytes, token: str | None, model
 
 
 def _abort_xet() -> None:
+    # huggingface_hub has no public way to stop hf_xet's background transfers; its private
+    # `abort_xet_session` is used best-effort: on another layout this does nothing, and the cancel
+    # still stops our download loop (tests/test_weights_pull.py checks the name still resolves
+    # in the locked environment).
     try:
         from huggingface_hub.utils._xet import abort_xet_session
     except ImportError:  # another huggingface_hub layout, or no Xet: nothing runs in the background

@@ -10,10 +10,65 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from gsplat.cuda._torch_impl import _eval_sh_bases_fast, _quat_scale_to_covar_preci
 from torch import Tensor
 
 from im3d.splats.raster.common import ALPHA_THRESHOLD, MAX_EXTEND
+
+
+def quat_to_rotmat(quats: Tensor) -> Tensor:  # [..., 4] wxyz, any length -> [..., 3, 3]
+    """Rotation matrices of (normalised) wxyz quaternions."""
+    w, x, y, z = F.normalize(quats, p=2, dim=-1).unbind(-1)
+    R = torch.stack(
+        [
+            1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+            2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+            2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
+        ],
+        dim=-1,
+    )  # fmt: skip
+    return R.reshape(quats.shape[:-1] + (3, 3))
+
+
+def quat_scale_to_covar(quats: Tensor, scales: Tensor) -> Tensor:  # [..., 4], [..., 3] -> [..., 3, 3]
+    """World-space covariances ``R S S^T R^T`` of Gaussians with rotation `quats`, linear `scales`."""
+    M = quat_to_rotmat(quats) * scales[..., None, :]  # R @ diag(scales)
+    return M @ M.transpose(-1, -2)
+
+
+def sh_bases(degree: int, dirs: Tensor) -> Tensor:  # [..., 3] unit vectors -> [..., (degree + 1)^2]
+    """Real spherical-harmonics bases up to `degree` (0..4) in the 3DGS / gsplat order and signs.
+
+    Sloan, "Efficient Spherical Harmonic Evaluation", JCGT 2013; the same constants as gsplat's
+    kernels, so that splats fitted here render the same in gsplat and other 3DGS viewers.
+    """
+    if not 0 <= degree <= 4:
+        raise ValueError(f"SH degree must be 0..4, got {degree}")
+    x, y, z = dirs.unbind(-1)
+    b = [torch.full_like(x, 0.2820947917738781)]
+    if degree >= 1:
+        b += [-0.48860251190292 * y, 0.48860251190292 * z, -0.48860251190292 * x]
+    if degree >= 2:
+        z2 = z * z
+        c1, s1 = x * x - y * y, 2 * x * y
+        t = -1.092548430592079 * z
+        b += [0.5462742152960395 * s1, t * y, 0.9461746957575601 * z2 - 0.3153915652525201, t * x, 0.5462742152960395 * c1]
+    if degree >= 3:
+        c2, s2 = x * c1 - y * s1, x * s1 + y * c1
+        tc = -2.285228997322329 * z2 + 0.4570457994644658
+        tb = 1.445305721320277 * z
+        ta = -0.5900435899266435
+        b += [ta * s2, tb * s1, tc * y, z * (1.865881662950577 * z2 - 1.119528997770346), tc * x, tb * c1, ta * c2]
+    if degree >= 4:
+        c3, s3 = x * c2 - y * s2, x * s2 + y * c2
+        td = z * (-4.683325804901025 * z2 + 2.007139630671868)
+        tc = 3.31161143515146 * z2 - 0.47308734787878
+        tb = -1.770130769779931 * z
+        ta = 0.6258357354491763
+        b20 = 1.984313483298443 * z2 * (1.865881662950577 * z2 - 1.119528997770346) - 1.006230589874905 * (
+            0.9461746957575601 * z2 - 0.3153915652525201
+        )
+        b += [ta * s3, tb * s2, tc * s1, td * y, b20, td * x, tc * c1, tb * c2, ta * c3]
+    return torch.stack(b, dim=-1)
 
 
 def project_gaussians(
@@ -35,7 +90,7 @@ def project_gaussians(
     and ``conics [C, N, 3]`` (upper triangle of the inverse 2D covariance). Culled Gaussians get
     finite placeholder values so that masked-out branches never put NaNs into the gradients.
     """
-    covars, _ = _quat_scale_to_covar_preci(quats, scales, compute_preci=False)  # [N, 3, 3]
+    covars = quat_scale_to_covar(quats, scales)  # [N, 3, 3]
     # World to camera with plain matmuls (gsplat's torch `_world_to_cam`/`_persp_proj` use
     # einsums that are several times slower on CPU at 10k Gaussians x 16 views).
     R, t = viewmats[:, None, :3, :3], viewmats[:, None, :3, 3]  # [C, 1, 3, 3], [C, 1, 3]
@@ -98,7 +153,7 @@ def view_colors(
     campos = torch.linalg.inv(viewmats)[:, :3, 3]  # [C, 3]
     dirs = F.normalize(means[None, :, :] - campos[:, None, :], dim=-1)  # [C, N, 3]
     n_bases = (sh_degree + 1) ** 2
-    bases = _eval_sh_bases_fast(n_bases, dirs)  # [C, N, n_bases]
+    bases = sh_bases(sh_degree, dirs)  # [C, N, n_bases]
     # Per Gaussian, [C, n_bases] @ [n_bases, 3]: no [C, N, K, 3] intermediate (gsplat's torch
     # `_spherical_harmonics` broadcasts one, which dominates a CPU step at SH degree 3).
     rgb = torch.bmm(bases.transpose(0, 1), colors[:, :n_bases, :]).transpose(0, 1)  # [C, N, 3]
