@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks_doc import replace_section
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -160,10 +161,7 @@ def write_section(table: str, machine: str, args) -> None:
         "Ray's raylet gives its Python agent a fixed 15 s to start, so on a machine this starved a start "
         "can fail outright, and the tests then skip saying so).\n"
     )
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(r"^## Scale-out\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    path.write_text(text, encoding="utf-8")
+    replace_section(section, path)
     print(f"wrote the Scale-out section of {path}")
 
 

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks_doc import replace_section
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -189,10 +191,7 @@ def write_section(table: str, machine: str) -> None:
         "Keep-alive polls once took ~44 ms each (Nagle + delayed ACK: asyncio sets TCP_NODELAY only on sockets "
         "created with proto=IPPROTO_TCP); `bind_socket` now does that, hence ~1.5 ms.\n"
     )
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(r"^## Service\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    path.write_text(text, encoding="utf-8")
+    replace_section(section, path)
     print(f"wrote the Service section of {path}")
 
 

@@ -154,6 +154,13 @@ def far_rotated_cube(name: str, location, rotation, size: float = 0.8):
     return cube
 
 
+def select_only(target) -> None:
+    """`target` alone selected, and active: what Refine Selected works on."""
+    for obj in bpy.context.scene.objects:
+        obj.select_set(obj == target)
+    bpy.context.view_layer.objects.active = target
+
+
 def quick_turntable(state):
     state.refine_use_diffusion, state.keep_original, state.preset = False, True, "FAST"
     state.turntable_views, state.turntable_size, state.turntable_samples = 4, 64, 1
@@ -229,9 +236,7 @@ def test_refine_far_from_the_origin_and_reimport_from_history_restores_bounds_an
         bpy.data.objects.remove(obj)
     cube = far_rotated_cube("Cube.001", (40.0, -25.0, 8.0), (0.3, -0.2, 1.1))
     double.glbs[cube.name] = world_glb(cube, tmp_path)
-    for obj in scene.objects:
-        obj.select_set(obj == cube)
-    bpy.context.view_layer.objects.active = cube
+    select_only(cube)
     quick_turntable(scene.im3d)
     objects_before = set(bpy.data.objects)
 
@@ -282,9 +287,7 @@ def test_several_selected_objects_are_refined_in_turn_and_a_second_refine_does_n
     assert "Barrel refined" in scene.im3d.job_message and "Crate refined" in scene.im3d.job_message
     first = bpy.data.objects["Crate refined"]
     # Refine the crate again: the new copy goes beside the first copy, not onto it.
-    for obj in scene.objects:
-        obj.select_set(obj == a)
-    bpy.context.view_layer.objects.active = a
+    select_only(a)
     assert bpy.ops.im3d.refine_selected() == {"FINISHED"}, scene.im3d.job_error
     second = bpy.data.objects["Crate refined.001"]
     assert vertex_bounds(second)[0][0] >= vertex_bounds(first)[1][0] - 1e-4
@@ -298,9 +301,7 @@ def test_cancel_during_the_turntable_leaves_nothing_behind_and_buttons_say_why_t
     runtime, local = addon
     scene = fresh_scene()
     cube = far_rotated_cube("Statue", (3.0, 4.0, 1.0), (0.0, 0.2, 0.0))
-    for obj in scene.objects:
-        obj.select_set(obj == cube)
-    bpy.context.view_layer.objects.active = cube
+    select_only(cube)
     quick_turntable(scene.im3d)
     scene.im3d.turntable_views = 8
     before = {kind: set(getattr(bpy.data, kind)) for kind in ("objects", "scenes", "cameras", "worlds", "meshes", "images")}
@@ -335,9 +336,7 @@ def test_deleting_the_object_mid_turntable_ends_the_job_cleanly(addon, double):
     runtime, local = addon
     scene = fresh_scene()
     cube = far_rotated_cube("Vase", (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
-    for obj in scene.objects:
-        obj.select_set(obj == cube)
-    bpy.context.view_layer.objects.active = cube
+    select_only(cube)
     quick_turntable(scene.im3d)
     scenes_before = set(bpy.data.scenes)
     assert bpy.ops.im3d.refine_selected(asynchronous=True) == {"FINISHED"}

@@ -10,6 +10,10 @@ Conventions (DESIGN §4):
 
 Azimuth 0 of an orbit looks at the object from -Y (Blender's front view, where a reference
 image is taken from); azimuth grows counter-clockwise seen from above (+Z).
+
+`im3d_blender/turntable.py` keeps deliberate copies of `orbit_position` and `blender_intrinsics`:
+the add-on runs inside Blender's Python and cannot import this backend. A change here must be
+made there too; tests/test_blender_turntable.py checks that the two agree.
 """
 
 from __future__ import annotations

@@ -295,6 +295,18 @@ def _bilinear(image, u, v):  # pragma: no cover - compiled
     return (image[y0, x0] * (1 - fx) + image[y0, x1] * fx) * (1 - fy) + (image[y1, x0] * (1 - fx) + image[y1, x1] * fx) * fy
 
 
+@numba.njit(nogil=True, cache=True, fastmath=True, inline="always")
+def _project_point(V, K, px, py, pz):  # pragma: no cover - compiled
+    """Camera depth z and pixel (u, v) of the world point p in a view (viewmat V, intrinsics K);
+    (u, v) are 0 when z <= 1e-6 (behind the camera): callers skip those."""
+    z = V[2, 0] * px + V[2, 1] * py + V[2, 2] * pz + V[2, 3]
+    if z <= 1e-6:
+        return z, 0.0, 0.0
+    x = V[0, 0] * px + V[0, 1] * py + V[0, 2] * pz + V[0, 3]
+    y = V[1, 0] * px + V[1, 1] * py + V[1, 2] * pz + V[1, 3]
+    return z, K[0, 0] * x / z + K[0, 2], K[1, 1] * y / z + K[1, 2]
+
+
 @numba.njit(nogil=True, cache=True, fastmath=True)
 def _fuse_slab(
     first, step, field, i0, i1, origin, voxel, viewmats, Ks, depths, alphas, weights, trunc, covered, free,
@@ -321,14 +333,9 @@ def _fuse_slab(
                 # 1. Space carving with the fitted views' masks: outside any silhouette is empty.
                 carved = False
                 for m in range(M):
-                    V = carve_viewmats[m]
-                    z = V[2, 0] * px + V[2, 1] * py + V[2, 2] * pz + V[2, 3]
+                    z, u, v = _project_point(carve_viewmats[m], carve_Ks[m], px, py, pz)
                     if z <= 1e-6:
                         continue
-                    x = V[0, 0] * px + V[0, 1] * py + V[0, 2] * pz + V[0, 3]
-                    y = V[1, 0] * px + V[1, 1] * py + V[1, 2] * pz + V[1, 3]
-                    u = carve_Ks[m, 0, 0] * x / z + carve_Ks[m, 0, 2]
-                    v = carve_Ks[m, 1, 1] * y / z + carve_Ks[m, 1, 2]
                     h, w = carve_masks.shape[1], carve_masks.shape[2]
                     if u < 0.0 or v < 0.0 or u >= w or v >= h:
                         continue
@@ -342,14 +349,9 @@ def _fuse_slab(
                 total = 0.0
                 weight = 0.0
                 for c in range(C):
-                    V = viewmats[c]
-                    z = V[2, 0] * px + V[2, 1] * py + V[2, 2] * pz + V[2, 3]
+                    z, u, v = _project_point(viewmats[c], Ks[c], px, py, pz)
                     if z <= 1e-6:
                         continue
-                    x = V[0, 0] * px + V[0, 1] * py + V[0, 2] * pz + V[0, 3]
-                    y = V[1, 0] * px + V[1, 1] * py + V[1, 2] * pz + V[1, 3]
-                    u = Ks[c, 0, 0] * x / z + Ks[c, 0, 2]
-                    v = Ks[c, 1, 1] * y / z + Ks[c, 1, 2]
                     if u < 0.0 or v < 0.0 or u >= W or v >= H:
                         continue
                     a = _bilinear(alphas[c], u, v)

@@ -245,18 +245,11 @@ class RayJobManager(JobManager):
         self._artist[job_id] = artist
         self._queue.append(job_id, artist)
 
+    def _mark_running(self, job: Job) -> None:
+        """Jobs run side by side on the workers: there is no single running job to record."""
+
     def _dispatch(self) -> None:
-        while True:
-            with self._lock:
-                while not self._queue and not self._stopping:
-                    self._wakeup.wait()
-                if self._stopping:
-                    return
-                job = self._jobs[self._queue.popleft()]
-                job.state = "running"
-                job.started = time.time()
-                job.message = "starting"
-                job.version += 1
+        while (job := self._take_next()) is not None:
             self._run_guarded(job, "job dispatcher")  # JobManager._run: inputs, run_fn (= _run_remote), manifest, state
             if job.state == "succeeded" and job.started and job.finished:
                 self._durations.append(job.finished - job.started)

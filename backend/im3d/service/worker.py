@@ -270,19 +270,27 @@ class JobManager:
         return self.status(job_id)
 
     # -- worker
+    def _take_next(self) -> Job | None:
+        """Wait for a queued job and mark it running (`_mark_running`); None once stopping."""
+        with self._lock:
+            while not self._queue and not self._stopping:
+                self._wakeup.wait()
+            if self._stopping:
+                return None
+            job = self._jobs[self._queue.popleft()]
+            self._mark_running(job)
+            job.state = "running"
+            job.started = time.time()
+            job.message = "starting"
+            job.version += 1
+            return job
+
+    def _mark_running(self, job: Job) -> None:
+        """Under the lock, as `job` starts: one worker thread, so it is *the* running job."""
+        self._running = job.id
+
     def _work(self) -> None:
-        while True:
-            with self._lock:
-                while not self._queue and not self._stopping:
-                    self._wakeup.wait()
-                if self._stopping:
-                    return
-                job = self._jobs[self._queue.popleft()]
-                self._running = job.id
-                job.state = "running"
-                job.started = time.time()
-                job.message = "starting"
-                job.version += 1
+        while (job := self._take_next()) is not None:
             try:
                 self._run_guarded(job, "job worker")
             finally:

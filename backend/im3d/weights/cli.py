@@ -92,17 +92,11 @@ def _with_cancel(run: Callable[[Callable[[], bool]], Any]) -> Any:
         signal.signal(signal.SIGINT, previous)
 
 
-def _bar() -> Any:
+def _with_progress_bar(run: Callable[[Callable[[float, str], None], Callable[[], bool]], Any]) -> Any:
+    """``run(progress, cancel)`` with a progress bar on stderr and Ctrl+C as cancel."""
     from tqdm import tqdm
 
-    return tqdm(total=1000, bar_format="{l_bar}{bar}| {elapsed}<{remaining}", dynamic_ncols=True, file=sys.stderr)
-
-
-def cmd_pull(args: argparse.Namespace) -> int:
-    from im3d.weights.pull import pull_models
-
-    config = _config(args)
-    bar = _bar()
+    bar = tqdm(total=1000, bar_format="{l_bar}{bar}| {elapsed}<{remaining}", dynamic_ncols=True, file=sys.stderr)
 
     def progress(fraction: float, message: str) -> None:
         bar.set_description_str(message[:70])
@@ -110,9 +104,18 @@ def cmd_pull(args: argparse.Namespace) -> int:
         bar.refresh()
 
     try:
-        statuses = _with_cancel(lambda cancel: pull_models(config, args.names or None, token=args.token, progress=progress, cancel=cancel))
+        return _with_cancel(lambda cancel: run(progress, cancel))
     finally:
         bar.close()
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from im3d.weights.pull import pull_models
+
+    config = _config(args)
+    statuses = _with_progress_bar(
+        lambda progress, cancel: pull_models(config, args.names or None, token=args.token, progress=progress, cancel=cancel)
+    )
     print(status_table(statuses))
     return 0
 
@@ -171,16 +174,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from im3d.diffusion.convert_sv3d import convert_sv3d_checkpoint
 
-    bar = _bar()
-
-    def progress(fraction: float, message: str) -> None:
-        bar.set_description_str(message[:70])
-        bar.n = int(fraction * 1000)
-        bar.refresh()
-
-    try:
-        out = _with_cancel(lambda cancel: convert_sv3d_checkpoint(args.checkpoint, args.out, progress=progress, cancel=cancel, overwrite=args.overwrite))
-    finally:
-        bar.close()
+    out = _with_progress_bar(
+        lambda progress, cancel: convert_sv3d_checkpoint(args.checkpoint, args.out, progress=progress, cancel=cancel, overwrite=args.overwrite)
+    )
     print(f"converted {args.checkpoint} into {out}")
     return 0

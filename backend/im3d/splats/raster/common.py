@@ -1,11 +1,13 @@
-"""What every rasterizer backend shares: gsplat's compositing constants, the error type and the
-input contract of a compositing backend (``composite_cpu`` / ``composite_torch``).
+"""What every rasterizer backend shares: gsplat's compositing constants, the error type and what
+a compositing backend receives (`ProjectedSplats`).
 
 This module imports nothing from the other `raster` modules, so each of them can import it
 without a cycle.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 from torch import Tensor
 
@@ -21,23 +23,26 @@ class RasterizerError(ValueError):
     """Bad rasterizer input or an impossible backend request; the message says what to do."""
 
 
-def check_composite_inputs(
-    means2d: Tensor,  # [C, N, 2]
-    conics: Tensor,  # [C, N, 3]
-    colors: Tensor,  # [C, N, D]
-    opacities: Tensor,  # [C, N]
-    radii: Tensor,  # [C, N, 2] int32, 0 where culled
-    depths: Tensor,  # [C, N]
-) -> tuple[int, int, int]:
-    """The shapes a compositing backend receives from the projection; returns ``(C, N, D)``.
+class ProjectedSplats(NamedTuple):
+    """What the projection hands a compositing backend (``composite_cpu`` / ``composite_torch``)."""
 
-    A programming error if they disagree (the front end has checked the user's inputs), hence
-    assertions rather than `RasterizerError`.
-    """
-    C, N, D = colors.shape
-    assert means2d.shape == (C, N, 2), means2d.shape
-    assert conics.shape == (C, N, 3), conics.shape
-    assert opacities.shape == (C, N), opacities.shape
-    assert radii.shape == (C, N, 2), radii.shape
-    assert depths.shape == (C, N), depths.shape
-    return C, N, D
+    means2d: Tensor  # [C, N, 2] pixel positions, in the autograd graph
+    conics: Tensor  # [C, N, 3] upper triangle of the inverse 2D covariance
+    colors: Tensor  # [C, N, D] per-view colours (plus the depth channel for RGB+ED)
+    opacities: Tensor  # [C, N] in [0, 1]
+    radii: Tensor  # [C, N, 2] int32, 0 where culled
+    depths: Tensor  # [C, N] camera-space z: the compositing order
+
+    def checked_shape(self) -> tuple[int, int, int]:
+        """``(C, N, D)``, asserting that the fields agree.
+
+        A programming error if they do not (the front end has checked the user's inputs), hence
+        assertions rather than `RasterizerError`.
+        """
+        C, N, D = self.colors.shape
+        assert self.means2d.shape == (C, N, 2), self.means2d.shape
+        assert self.conics.shape == (C, N, 3), self.conics.shape
+        assert self.opacities.shape == (C, N), self.opacities.shape
+        assert self.radii.shape == (C, N, 2), self.radii.shape
+        assert self.depths.shape == (C, N), self.depths.shape
+        return C, N, D

@@ -26,7 +26,7 @@ import torch
 from numba import njit
 from torch import Tensor
 
-from im3d.splats.raster.common import ALPHA_THRESHOLD, MAX_ALPHA, TILE_SIZE, TRANSMITTANCE_THRESHOLD, check_composite_inputs
+from im3d.splats.raster.common import ALPHA_THRESHOLD, MAX_ALPHA, TILE_SIZE, TRANSMITTANCE_THRESHOLD, ProjectedSplats
 
 # Gradient slots of one list entry: d/d(mean x, mean y, conic a, b, c, opacity), then colours.
 _V_FIXED = 6
@@ -314,16 +314,8 @@ class _CompositeCPU(torch.autograd.Function):
 
 
 def composite_cpu(
-    means2d: Tensor,  # [C, N, 2]
-    conics: Tensor,  # [C, N, 3]
-    colors: Tensor,  # [C, N, D]
-    opacities: Tensor,  # [C, N]
-    radii: Tensor,  # [C, N, 2] int32, 0 where culled
-    depths: Tensor,  # [C, N]
-    width: int,
-    height: int,
-    backgrounds: Tensor | None = None,  # [C, D]
+    splats: ProjectedSplats, width: int, height: int, backgrounds: Tensor | None = None  # [C, D]
 ) -> tuple[Tensor, Tensor]:  # colors [C, H, W, D], alphas [C, H, W, 1]
-    check_composite_inputs(means2d, conics, colors, opacities, radii, depths)
+    splats.checked_shape()
+    means2d, conics, colors, opacities, radii, depths = splats
     return _CompositeCPU.apply(means2d, conics, colors, opacities, backgrounds, radii, depths, int(width), int(height))
-

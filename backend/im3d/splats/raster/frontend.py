@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from im3d.splats.raster.common import TILE_SIZE, RasterizerError
+from im3d.splats.raster.common import TILE_SIZE, ProjectedSplats, RasterizerError
 from im3d.splats.raster.cpu import composite_cpu
 from im3d.splats.raster.cuda_gsplat import rasterize_gsplat
 from im3d.splats.raster.project import project_gaussians, view_colors
@@ -150,9 +150,8 @@ def rasterize(
             backgrounds = torch.cat([backgrounds, backgrounds.new_zeros(C, 1)], dim=-1)
     view_opacities = opacities[None, :].expand(C, N)  # [C, N]
     # 3. Front-to-back alpha compositing.
-    render_colors, render_alphas = composite(
-        means2d, conics, view_rgb, view_opacities, radii, depths, width, height, backgrounds
-    )
+    projected = ProjectedSplats(means2d, conics, view_rgb, view_opacities, radii, depths)
+    render_colors, render_alphas = composite(projected, width, height, backgrounds)
     if render_mode == "RGB+ED":
         render_colors = torch.cat(
             [render_colors[..., :-1], render_colors[..., -1:] / render_alphas.clamp(min=1e-10)], dim=-1

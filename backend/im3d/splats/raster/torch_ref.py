@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from im3d.splats.raster.common import ALPHA_THRESHOLD, MAX_ALPHA, TILE_SIZE, TRANSMITTANCE_THRESHOLD, check_composite_inputs
+from im3d.splats.raster.common import ALPHA_THRESHOLD, MAX_ALPHA, TILE_SIZE, TRANSMITTANCE_THRESHOLD, ProjectedSplats
 
 # Tiles with more pixel-Gaussian pairs than this are recomputed in the backward pass rather
 # than stored (checkpointing a tiny tile costs more than it saves, and the first use of
@@ -45,18 +45,14 @@ def composite_pixels(
 
 
 def composite_torch(
-    means2d: Tensor,  # [C, N, 2]
-    conics: Tensor,  # [C, N, 3]
-    colors: Tensor,  # [C, N, D]
-    opacities: Tensor,  # [C, N]
-    radii: Tensor,  # [C, N, 2] int32, 0 where culled
-    depths: Tensor,  # [C, N]
+    splats: ProjectedSplats,
     width: int,
     height: int,
     backgrounds: Tensor | None = None,  # [C, D]
     tile_size: int = TILE_SIZE,
 ) -> tuple[Tensor, Tensor]:  # colors [C, H, W, D], alphas [C, H, W, 1]
-    C, N, D = check_composite_inputs(means2d, conics, colors, opacities, radii, depths)
+    C, N, D = splats.checked_shape()
+    means2d, conics, colors, opacities, radii, depths = splats
     dtype, device = means2d.dtype, means2d.device
     use_checkpoint = torch.is_grad_enabled() and any(
         t.requires_grad for t in (means2d, conics, colors, opacities)
