@@ -68,10 +68,10 @@ class ReconConfig:
     image_size: int = 256  # side of the square images the splats are fitted to
     steps: int = 1200  # optimisation steps of the first fit (paper: 1,200)
     refine_steps: int = 400  # optimisation steps after each re-diffusion round
-    init: Literal["center", "visual_hull"] = "center"  # where the initial points are placed
+    init: Literal["center", "visual_hull"] = "visual_hull"  # initial points: on the masks' visual hull (centre ball when there is none), or the paper's centre ball
     init_points: int = 5000  # initial number of Gaussians (paper: 5,000)
     init_radius: float = 0.3  # radius of the initial ball of points, as a fraction of the object radius
-    init_scale: float = 0.05  # initial Gaussian size, as a fraction of the framed object radius
+    init_scale: float = 0.015  # initial Gaussian size, as a fraction of the framed object radius
     sh_degree: int = 0  # spherical-harmonics degree of the colours (0..3)
     views_per_step: int = 0  # views rendered per step; 0 means all
     lpips_weight: float = 10.0  # LPIPS loss weight (paper: 10)
@@ -101,8 +101,9 @@ class MeshConfig:
     threshold_fraction: float = 0.3  # automatic iso-level, as a share of the locally normalised density
     fill_cavities: bool = True  # fill closed interior voids so a sheet of splats gives one outer surface
     snap_to_splats: bool = False  # method "density" only: move vertices inward onto the density ridge
-    method: Literal["tsdf", "density"] = "density"  # density iso-level (measured best, docs/benchmarks.md), or fused rendered splat depth
-    extra_views: int = 32  # tsdf: views around the object whose rendered depth is fused besides the fitted views
+    method: Literal["hull", "tsdf", "density"] = "hull"  # hull: the views' silhouettes + depth carving; density: splat density iso-level; tsdf: fused rendered splat depth (docs/benchmarks.md)
+    depth_margin: float = 0.15  # hull: depth carves only space this far (share of the object's half-size) in front of the splats' rendered surface
+    extra_views: int = 32  # tsdf only: views around the object whose rendered depth is fused besides the fitted views
     truncation_voxels: float = 2.0  # tsdf: signed distances are clamped to this many voxels
     carve_with_masks: bool = True  # tsdf: voxels outside any fitted view's mask are empty (space carving)
     bake_texture: bool = True  # UV atlas + albedo texture; false: vertex colours only
@@ -366,6 +367,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "mesh.threshold": (0, 1e6),
     "mesh.threshold_fraction": (0, 1),
     "mesh.extra_views": (0, 512),
+    "mesh.depth_margin": (0, 2),
     "mesh.truncation_voxels": (0.5, 16),
     "mesh.min_component_fraction": (0, 1),
     "mesh.smooth_iterations": (0, 100),

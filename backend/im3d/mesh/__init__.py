@@ -1,19 +1,23 @@
-"""Splats -> textured mesh: density grid, marching cubes, cleanup, UV atlas, albedo bake, GLB.
+"""Splats -> textured mesh: a surface field, marching cubes, cleanup, UV atlas, albedo bake, GLB.
 
     result = mesh_from_splats(splats, config.mesh, progress, cancel)   # MeshResult
     export_glb(result, "mesh.glb")
     report = mesh_ply_to_glb("splats.ply", "mesh.glb", config)         # what `im3d mesh` calls
 
 Stages (each reports progress and checks `cancel()`):
-  1. field     mesh.method "tsdf": splat depth rendered at the fitted + extra views, fused into a
-               TSDF, space-carved with the views' masks (tsdf.py); "density": Gaussian density (density.py)
+  1. field     mesh.method "hull" (default): the fitted views' silhouettes (masks, or the splats'
+               renders where they cover more) carved further where the splats' rendered depth shows
+               space (hull.py); without views it falls back to "density": Gaussian density
+               (density.py); "tsdf": splat depth fused into a TSDF (tsdf.py)
   2. surface   marching cubes (PyMCubes) on that field, outward normals (surface.py)
   3. cleanup   drop floaters, decimate to the face budget, (density only: snap), Taubin smoothing
-  4. texture   UV atlas (facing charts packed by xatlas), albedo bake from the splats' colours
+  4. texture   UV atlas (facing charts packed by xatlas), albedo back-projected from the views
+               (bake_views.py), the splats' colours where no view sees the surface
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -76,6 +80,7 @@ class MeshReport:
     uv_coverage: float = 0.0
     uv_overlap_texels: int = 0
     mean_snap_distance: float = 0.0
+    surface_method: str = "density"  # the surface method that ran ("hull" falls back to "density" without views)
     texture_source: str = "splats"  # "views": back-projected from the job's views; "splats": splat colours
     view_texels: float = 0.0  # share of covered texels coloured wholly by the views
     stage_seconds: dict[str, float] = field(default_factory=dict)
@@ -165,8 +170,10 @@ def mesh_from_splats(
         seconds[name] = seconds.get(name, 0.0) + now - clock
         clock = now
 
-    # 1-2. Surface: a field around the splats (fused rendered depth, or density), marching cubes.
+    # 1-2. Surface: a field around the splats (the views' hull, fused rendered depth, or density), marching cubes.
     gaussians = splats_to_gaussians(splats)
+    if cfg.method == "hull" and (getattr(views, "cameras", None) is None or getattr(views, "masks", None) is None):
+        cfg = dataclasses.replace(cfg, method="density")  # splats alone (`im3d mesh`): no silhouettes to carve
     vertices, faces, grid, iso = extract_surface(
         splats, gaussians, cfg, views, lambda f, m: report_progress(0.45 * f, m), cancel, lap
     )
@@ -232,6 +239,7 @@ def mesh_from_splats(
         grid_shape=grid_shape,
         voxel_size=voxel_size,
         iso_level=float(iso),
+        surface_method=cfg.method,
         textured=texture is not None,
         texture_size=int(cfg.texture_size) if texture is not None else 0,
         charts=charts,

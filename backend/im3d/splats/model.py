@@ -142,4 +142,7 @@ def init_visual_hull(
     colors = images[cam_idx[:, choice], vi[:, choice], ui[:, choice]]  # [C, n, 3]
     seen = (in_frame[:, choice] & inside[:, choice]).float()[..., None]
     rgb = (colors * seen).sum(0) / seen.sum(0).clamp_min(1)
-    return make_splats(means, rgb.clamp(0.02, 0.98), max(scale, 0.5 * cell), sh_degree=sh_degree)
+    # Neighbours on the shell (about `spacing` apart) must overlap or the first renders are speckle
+    # that the fit has to grow out of: at least a third of the spacing (3 sigma apart).
+    spacing = cell * math.sqrt(candidates.numel() / num_points)
+    return make_splats(means, rgb.clamp(0.02, 0.98), max(scale, 0.5 * cell, spacing / 3), sh_degree=sh_degree)

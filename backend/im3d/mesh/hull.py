@@ -1,0 +1,214 @@
+"""Surface from what the views and the splats' renders agree on: silhouettes, then depth carving.
+
+    field, grid = carve_field(splats, gaussians, resolution, cameras, masks, depth_margin)  # inside > 0
+    vertices_ijk, faces = mcubes.marching_cubes(field, 0.0)
+
+Measured on fitted splats (bench/bench_mesh_fidelity.py, docs/benchmarks.md), the silhouettes are
+what a fit gets right (mask IoU 0.98-0.995 at held-out views) while its depth is not: at 128² and a
+few hundred steps the rendered surface of a sphere sits 0.05-0.07 radii behind the true one, and
+the splats' density surface follows that. So the views decide first and the splats second:
+
+1. **Visual hull** from the fitted views' masks: a point is outside when any view sees it outside
+   its mask and the splats are not near-opaque there (one bad mask cannot cut the object). The
+   field is continuous (the soft mask, bilinearly sampled, minus one half, times the pixel's size
+   at the point's depth), so marching cubes places the surface to a fraction of a pixel and thin
+   parts seen in the views (4 cm legs) stay.
+2. **Depth carving** where the splats' rendering shows space the hull cannot see (the inside of
+   a bowl or a cup, a torus' hole): a point more than `depth_margin` in front of the splats'
+   median depth, at a pixel the splats cover, is outside; the margin keeps the fit's depth error
+   from eating convex surfaces. Where the rendered surface lies more than twice the margin behind
+   the hull's own front, it is a real concavity, not a recessed fit, and is carved all the way
+   down to it (so a cup's floor is not raised by the margin). Where the rendering is faint,
+   depth says nothing.
+
+A point inside every mask and behind every view's rendered surface is inside, so the surface closes
+over what no view sees (an object's underside: from one ring of views above it, a shallow cone
+down to the splats' extent), and there are no inner walls.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from im3d.cameras import Cameras
+from im3d.errors import check_cancel
+from im3d.mesh.density import DensityGrid, GaussianArrays, grid_bounds
+from im3d.mesh.errors import MeshingError
+from im3d.mesh.tsdf import COVERED_ALPHA, render_depths
+
+# Grid points handled per projection batch: bounds the temporaries (~40 bytes each) on big grids.
+POINTS_PER_BATCH = 1 << 21
+# Field values are clamped to this many voxels either side of the surface: only the band near the
+# surface matters to marching cubes, and a bounded field keeps min() over views well-behaved.
+CLAMP_VOXELS = 3.0
+# The splats' coverage stands in for a view's mask where alpha - this exceeds 1/2 (alpha > 0.95).
+OPAQUE_SPLATS = 0.45
+# Views are carved at no more than this many pixels across per grid sample across.
+MAX_PIXELS_PER_VOXEL = 2.0
+
+
+def carve_field(
+    splats: dict,
+    gaussians: GaussianArrays,
+    resolution: int,
+    cameras: Cameras,  # the fitted views
+    masks: torch.Tensor,  # [C, H, W, 1] their masks in [0, 1]
+    depth_margin: float,  # share of the grid's half-size a point must lie in front of the rendered surface to be carved
+    cancel: Callable[[], bool] | None = None,
+    progress: Callable[[float, str], None] | None = None,
+) -> tuple[np.ndarray, DensityGrid]:
+    """Inside-positive field (world units, clamped) on a grid around the splats, iso-level 0.
+
+    Only the fitted views carve: views from elsewhere (below an orbit, say) see splats nothing
+    constrained and carved holes through measured objects (docs/benchmarks.md).
+    """
+    report = progress or (lambda f, m: None)
+    if cameras is None or masks is None or len(cameras) == 0:
+        raise MeshingError("no_views", "mesh.method 'hull' needs the fitted views and their masks")
+    C, H, W, _ = masks.shape
+    if len(cameras) != C:
+        raise MeshingError("no_views", f"{len(cameras)} fitted cameras but {C} masks")
+    # Pixels finer than half a voxel add nothing to the grid and cost time (21 frames at 576²).
+    scale = min(1.0, MAX_PIXELS_PER_VOXEL * resolution / max(H, W))
+    if scale < 1.0:
+        H, W = max(1, round(H * scale)), max(1, round(W * scale))
+        masks = torch.nn.functional.interpolate(masks.float().permute(0, 3, 1, 2), size=(H, W), mode="area").permute(0, 2, 3, 1)
+    cameras = cameras.resized(W, H) if (cameras.width, cameras.height) != (W, H) else cameras
+    origin, voxel, shape = grid_bounds(gaussians, resolution)
+    clamp = CLAMP_VOXELS * voxel
+
+    report(0.0, f"rendering splat depth, {len(cameras)} views")
+    rendered = render_depths(splats, cameras, cancel, lambda f, m: report(0.4 * f, m))
+    depth = torch.from_numpy(rendered.depths).float()  # [V, H, W] camera z
+    alpha = torch.from_numpy(rendered.alphas).float()
+    mask = masks[..., 0].float().cpu()
+    # Silhouettes, 1/2 at the edge: the view's mask, or where the splats are near-opaque (an
+    # inconsistent mask - a generated frame's, say - never cuts away what the fit holds up in the
+    # other views). Their edge counts at alpha 0.95, so the splats' soft fringe never grows the hull.
+    silhouette = torch.maximum(mask, alpha - OPAQUE_SPLATS)
+    # Depth speaks where the splats cover the pixel and the mask agrees.
+    depth = torch.where((alpha >= COVERED_ALPHA) & (mask >= 0.5), depth, torch.full_like(depth, float("inf")))
+
+    # float32 throughout: world coordinates of about 1 keep ~1e-7 relative precision, far below a voxel.
+    viewmats = cameras.viewmats.float().cpu()
+    Ks = cameras.Ks.float().cpu()
+    axes = [torch.arange(n, dtype=torch.float32) * voxel + float(origin[a]) for a, n in enumerate(shape)]
+    total = int(np.prod(shape))
+
+    def batches(stage: str, start_fraction: float, span: float):
+        for start in range(0, total, POINTS_PER_BATCH):
+            check_cancel(cancel)
+            index = torch.arange(start, min(total, start + POINTS_PER_BATCH))
+            i, rest = index // (shape[1] * shape[2]), index % (shape[1] * shape[2])
+            j, k = rest // shape[2], rest % shape[2]
+            yield slice(start, start + len(index)), torch.stack([axes[0][i], axes[1][j], axes[2][k]], dim=-1)
+            report(start_fraction + span * min(1.0, (start + len(index)) / total), stage)
+
+    # 1. Visual hull of the masks.
+    field = torch.empty(total, dtype=torch.float32)
+    for part, points in batches("visual hull of the views", 0.4, 0.3):
+        field[part] = _silhouette_distance(points, viewmats, Ks, silhouette, clamp)
+
+    # 2. Depth carving: space more than the margin in front of the splats' rendered surface. Where
+    #    that surface lies far behind the hull's own front (more than twice the margin: the inside
+    #    of a cup, not a fit's recessed depth), it is a concavity and is carved all the way to it.
+    margin = depth_margin * 0.5 * voxel * (max(shape) - 1)
+    front = _front_depth(field.view(shape), origin, voxel, viewmats, Ks, W, H)  # [C, H, W]
+    concave = torch.isfinite(depth) & (depth - front > 2 * margin)
+    carve_to = torch.where(concave, depth - voxel, depth - margin)
+    if bool(torch.isfinite(depth).any()):
+        for part, points in batches("carving what the splats' depth shows empty", 0.7, 0.3):
+            undecided = torch.nonzero(field[part] > -clamp).squeeze(-1)  # -clamp is final under min()
+            values = field[part]
+            values[undecided] = torch.minimum(values[undecided], _depth_distance(points[undecided], viewmats, Ks, carve_to, clamp))
+            field[part] = values
+    values = field.view(shape).numpy()
+    return values, DensityGrid(values=values, origin=origin, voxel=voxel)
+
+
+def _project(points: torch.Tensor, viewmat: torch.Tensor, K: torch.Tensor, width: int, height: int):
+    """World points [P, 3] -> camera z [P] and grid_sample coordinates [1, 1, P, 2] (pixel centres at +0.5)."""
+    cam = points @ viewmat[:3, :3].T + viewmat[:3, 3]
+    z = cam[:, 2].clamp_min(1e-9)
+    u = K[0, 0] * cam[:, 0] / z + K[0, 2]
+    v = K[1, 1] * cam[:, 1] / z + K[1, 2]
+    grid = torch.stack([u * (2 / width) - 1, v * (2 / height) - 1], dim=-1)[None, None]
+    return z, grid
+
+
+def _silhouette_distance(
+    points: torch.Tensor,  # [P, 3] float32 world
+    viewmats: torch.Tensor,  # [C, 4, 4]
+    Ks: torch.Tensor,  # [C, 3, 3]
+    masks: torch.Tensor,  # [C, H, W] in [0, 1]
+    clamp: float,
+) -> torch.Tensor:
+    """min over views of how far inside the mask each point projects (world units, + inside), clamped."""
+    C, H, W = masks.shape
+    inside = torch.full((points.shape[0],), clamp, dtype=torch.float32)
+    active = torch.arange(points.shape[0])  # points not yet -clamp: the min can still change
+    for c in range(C):
+        z, grid = _project(points[active], viewmats[c], Ks[c], W, H)
+        # Outside the image the mask is 0: nothing of the object is there.
+        m = torch.nn.functional.grid_sample(masks[c][None, None] - 0.5, grid, mode="bilinear", padding_mode="border", align_corners=False)[0, 0, 0]
+        m = torch.where((grid[0, 0].abs() <= 1).all(-1), m, torch.full_like(m, -0.5))
+        pixel = z / Ks[c, 0, 0]  # world size of a pixel at the point's depth
+        # The soft mask ramps over about a pixel at its edge: (m - 1/2) * 2 pixels ~ signed distance.
+        value = torch.minimum(inside[active], (m * 2 * pixel).clamp(-clamp, clamp))
+        inside[active] = value
+        active = active[value > -clamp]
+    return inside
+
+
+def _depth_distance(
+    points: torch.Tensor,  # [P, 3] float32 world
+    viewmats: torch.Tensor,
+    Ks: torch.Tensor,
+    depth: torch.Tensor,  # [C, H, W] camera z up to which the view carves; inf: no carving
+    clamp: float,
+) -> torch.Tensor:
+    """min over views of how far behind each view's carving depth each point is (world units), clamped."""
+    C, H, W = depth.shape
+    behind = torch.full((points.shape[0],), clamp, dtype=torch.float32)
+    active = torch.arange(points.shape[0])
+    for c in range(C):
+        z, grid = _project(points[active], viewmats[c], Ks[c], W, H)
+        surface = torch.nn.functional.grid_sample(depth[c][None, None], grid, mode="nearest", padding_mode="border", align_corners=False)[0, 0, 0]
+        distance = z - surface
+        distance = torch.where(torch.isfinite(distance), distance, torch.full_like(distance, clamp)).clamp(-clamp, clamp)
+        value = torch.minimum(behind[active], distance)
+        behind[active] = value
+        active = active[value > -clamp]
+    return behind
+
+
+def _front_depth(
+    field: torch.Tensor,  # [X, Y, Z] inside-positive
+    origin: np.ndarray,
+    voxel: float,
+    viewmats: torch.Tensor,  # [C, 4, 4]
+    Ks: torch.Tensor,  # [C, 3, 3]
+    width: int,
+    height: int,
+) -> torch.Tensor:
+    """[C, H, W] camera depth of the nearest inside voxel per pixel (inf where none projects).
+
+    Voxel centres are z-buffered; a pixel takes the nearest of its 3x3 neighbourhood (pixels
+    between centres), which errs toward the camera: fewer concavities, never more.
+    """
+    occupied = torch.nonzero(field > 0).float() * voxel + torch.as_tensor(origin, dtype=torch.float32)
+    C = viewmats.shape[0]
+    out = torch.full((C, height * width), float("inf"))
+    for c in range(C):
+        for start in range(0, occupied.shape[0], POINTS_PER_BATCH):
+            cam = occupied[start : start + POINTS_PER_BATCH] @ viewmats[c, :3, :3].T + viewmats[c, :3, 3]
+            z = cam[:, 2].clamp_min(1e-9)
+            u = torch.floor(Ks[c, 0, 0] * cam[:, 0] / z + Ks[c, 0, 2]).long()
+            v = torch.floor(Ks[c, 1, 1] * cam[:, 1] / z + Ks[c, 1, 2]).long()
+            ok = (cam[:, 2] > 0) & (u >= 0) & (u < width) & (v >= 0) & (v < height)
+            out[c].scatter_reduce_(0, v[ok] * width + u[ok], z[ok], reduce="amin")
+    out = out.view(C, 1, height, width)
+    return -torch.nn.functional.max_pool2d(-out, 3, stride=1, padding=1)[:, 0]

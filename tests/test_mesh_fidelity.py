@@ -1,0 +1,162 @@
+"""Meshes from *fitted* splats follow the true surface: sphere, torus, thin-walled cup.
+
+Ground truth is rendered from the real meshes (z-buffer rasterizer, 4x4 supersampled, unlit
+procedural colour), the real fit loop runs on those views (few steps), and the mesh is scored
+against the ground-truth surface (Chamfer-L1 and F-score in bounding-sphere radii), as in
+bench/bench_mesh_fidelity.py but small. Thresholds are set from measured values with margin; the
+density surface (`mesh.method="density"`) misses them on the same fits, so they can fail.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from im3d.cameras import MultiViewDataset, orbit_cameras
+from im3d.config import MeshConfig, ReconConfig
+from im3d.mesh import mesh_from_splats
+from im3d.testing.synthetic import splats_on_surface, stripes_color
+from im3d.mesh.zbuffer import render_unlit
+from im3d.splats.fit import SplatFitter
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_mesh import geometry_metrics  # noqa: E402
+
+SIZE = 80  # image side: walls of the cup are ~2.5 pixels thick, as thin as a 128^2 view of a mug's
+STEPS = 200
+MESH = dict(method="hull", grid_resolution=96, face_budget=8000, bake_texture=False)
+
+
+def cup() -> trimesh.Trimesh:
+    """A cup (surface of revolution): outer radius 0.35, walls 4 cm, bottom 6 cm, 0.7 tall."""
+    profile = np.array([[0.0, -0.35], [0.35, -0.35], [0.35, 0.35], [0.31, 0.35], [0.31, -0.29], [0.0, -0.29]])
+    return trimesh.creation.revolve(profile, sections=96)
+
+
+OBJECTS = {
+    "sphere": lambda: trimesh.creation.icosphere(subdivisions=4, radius=0.5),
+    "torus": lambda: trimesh.creation.torus(major_radius=0.35, minor_radius=0.13, major_sections=96, minor_sections=32),
+    "cup": cup,
+}
+# Measured (see the module docstring): these leave margin over what the fits reach.
+# Measured 2026-12-01 (same with 1 or 2 threads): sphere 0.0072 / 0.940, torus 0.0098 / 0.820,
+# cup 0.040 / 0.591; the density surface on the same fits: sphere 0.072 / 0.197.
+THRESHOLDS = {"sphere": (0.012, 0.88), "torus": (0.014, 0.76), "cup": (0.06, 0.5)}  # (Chamfer-L1 max, F@0.02 min)
+
+
+def render_views(mesh: trimesh.Trimesh, elevations=(20.0, 50.0), per_ring: int = 8) -> MultiViewDataset:
+    """Unlit renders of the mesh (stripes_color albedo) from orbits around it: the ground-truth views."""
+    rings = [
+        orbit_cameras(per_ring, elevation_deg=e, radius=1.7, fov_deg=40.0, width=SIZE, azimuth_start_deg=22.5 * r)
+        for r, e in enumerate(elevations)
+    ]
+    cams = rings[0]
+    for ring in rings[1:]:
+        cams = type(cams)(torch.cat([cams.viewmats, ring.viewmats]), torch.cat([cams.Ks, ring.Ks]), SIZE, SIZE)
+    images, masks = [], []
+    for i in range(len(cams)):
+        rgb, alpha = render_unlit(
+            mesh.vertices, mesh.faces, lambda f, b, p: np.clip(stripes_color(p), 0, 1),
+            cams.viewmats[i].numpy(), cams.Ks[i].numpy(), SIZE, SIZE,
+        )  # fmt: skip
+        images.append(rgb)
+        masks.append(alpha)
+    as_tensor = lambda a: torch.tensor(np.stack(a), dtype=torch.float32)  # noqa: E731
+    return MultiViewDataset(cams, as_tensor(images), as_tensor(masks), [f"r_{i}" for i in range(len(cams))])
+
+
+def contains(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray) -> list[bool]:
+    """Inside a closed mesh: generalised winding number > 1/2 (solid angles, Van Oosterom-Strackee)."""
+    tri = vertices[faces][None] - points[:, None, None, :]  # [P, F, 3, 3]
+    a, b, c = tri[..., 0, :], tri[..., 1, :], tri[..., 2, :]
+    la, lb, lc = (np.linalg.norm(x, axis=-1) for x in (a, b, c))
+    numerator = np.einsum("pfi,pfi->pf", a, np.cross(b, c))
+    denominator = la * lb * lc + np.einsum("pfi,pfi->pf", a, b) * lc + np.einsum("pfi,pfi->pf", b, c) * la + np.einsum("pfi,pfi->pf", c, a) * lb
+    winding = (2 * np.arctan2(numerator, denominator)).sum(axis=1) / (4 * np.pi)
+    return [bool(w > 0.5) for w in winding]
+
+
+@functools.lru_cache(maxsize=None)
+def fitted(name: str):
+    """(ground truth, views, fitted splats) of one object; cached, the fit is the expensive part."""
+    gt = OBJECTS[name]()
+    views = render_views(gt)
+    config = ReconConfig(
+        image_size=SIZE, steps=STEPS, init_points=2000, lpips_weight=0.0, l1_weight=1.0, views_per_step=4,
+        init="visual_hull", densify_start=50, densify_every=50,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    fitter = SplatFitter(config, views.cameras, views.images, views.masks)
+    fitter.fit(STEPS)
+    splats = {k: v.detach().clone() for k, v in fitter.splats.items()}
+    return gt, views, splats
+
+
+@pytest.mark.parametrize("name", list(OBJECTS))
+def test_fitted_splats_mesh_onto_the_true_surface(name):
+    gt, views, splats = fitted(name)
+    result = mesh_from_splats(splats, MeshConfig(**MESH), views=views)
+    assert result.report.surface_method == "hull"
+    metrics = geometry_metrics(result.vertices, result.faces, gt, samples=30_000)
+    max_chamfer, min_fscore = THRESHOLDS[name]
+    print(f"{name}: chamfer {metrics['chamfer']:.4f} F {metrics['fscore']:.3f} faces {result.report.faces}")
+    assert metrics["chamfer"] <= max_chamfer, metrics
+    assert metrics["fscore"] >= min_fscore, metrics
+
+
+def test_fitted_cup_is_open():
+    """The fit's depth shows the cup's inside, so the hull is carved open there, walls and bottom kept."""
+    gt, views, splats = fitted("cup")
+    result = mesh_from_splats(splats, MeshConfig(**MESH), views=views)
+    # Inside the cavity: outside the mesh; inside the wall and the bottom: inside it.
+    inside = contains(result.vertices, result.faces, np.array([[0.0, 0.0, 0.05], [0.33, 0.0, 0.0], [0.0, 0.0, -0.32]]))
+    assert list(inside) == [False, True, True], inside
+
+
+def test_without_views_meshing_falls_back_to_the_splats_density():
+    """`im3d mesh` on a PLY alone has no silhouettes: the hull method falls back to the density surface."""
+    gt, _, splats = fitted("sphere")
+    result = mesh_from_splats(splats, MeshConfig(**MESH))
+    assert result.report.surface_method == "density"
+    metrics = geometry_metrics(result.vertices, result.faces, gt, samples=30_000)
+    print(f"sphere without views: chamfer {metrics['chamfer']:.4f} F {metrics['fscore']:.3f}")
+    assert metrics["chamfer"] <= 0.1 and metrics["fscore"] >= 0.12, metrics  # looser (see THRESHOLDS), but the same object
+
+
+def _ideal(name: str):
+    """(ground truth, views, splats lying exactly on its surface): what a perfect fit would give."""
+    gt = OBJECTS[name]()
+    return gt, render_views(gt), splats_on_surface(gt, 6000, color_fn=stripes_color)
+
+
+def test_hull_carves_a_concavity_the_splats_show():
+    """Ideal splats of the cup: their depth shows the inside, so the hull is carved open there."""
+    gt, views, splats = _ideal("cup")
+    result = mesh_from_splats(splats, MeshConfig(**MESH), views=views)
+    inside = contains(result.vertices, result.faces, np.array([[0.0, 0.0, 0.05], [0.0, 0.0, 0.25], [0.33, 0.0, 0.0], [0.0, 0.0, -0.32]]))
+    assert list(inside) == [False, False, True, True], inside
+    metrics = geometry_metrics(result.vertices, result.faces, gt, samples=30_000)
+    # Measured 0.344: the hull's facets between views and the under-side cone no view sees into.
+    assert metrics["fscore"] >= 0.28, metrics
+
+
+def test_one_wrong_mask_does_not_cut_the_object():
+    """A view whose mask lost half the object (a bad segmentation of one generated frame) cuts
+    nothing the splats cover in it: the silhouette is the mask or the splats' coverage."""
+    gt, views, splats = _ideal("sphere")
+    masks = views.masks.clone()
+    masks[0, :, : SIZE // 2] = 0.0  # the left half of view 0 is "background"
+    broken = dataclasses.replace(views, masks=masks)
+    whole = mesh_from_splats(splats, MeshConfig(**MESH), views=views)
+    cut = mesh_from_splats(splats, MeshConfig(**MESH), views=broken)
+    a = geometry_metrics(whole.vertices, whole.faces, gt, samples=30_000)
+    b = geometry_metrics(cut.vertices, cut.faces, gt, samples=30_000)
+    assert b["fscore"] >= a["fscore"] - 0.02 and b["chamfer"] <= a["chamfer"] + 0.002, (a, b)
