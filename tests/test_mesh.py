@@ -171,7 +171,7 @@ def test_ply_to_glb_and_bad_ply(tmp_path, sphere_splats):
     write_ply(tmp_path / "s.ply", sphere_splats)
     report = mesh_ply_to_glb(tmp_path / "s.ply", tmp_path / "m.glb", MeshConfig(**SMALL))
     assert report.faces > 1000 and report.textured
-    assert set(report.stage_seconds) >= {"density", "marching_cubes", "decimate", "uv_unwrap", "bake"}
+    assert set(report.stage_seconds) >= {"field", "marching_cubes", "decimate", "uv_unwrap", "bake"}
     assert (tmp_path / "m.glb").read_bytes()[:4] == b"glTF"
     (tmp_path / "foreign.ply").write_bytes(b"ply\nformat ascii 1.0\nelement vertex 1\nproperty float x\nend_header\n1\n")
     with pytest.raises(MeshingError, match="not 3D Gaussian splats") as info:

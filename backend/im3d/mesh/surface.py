@@ -58,36 +58,31 @@ def extract_surface(
     """
     report = progress or (lambda f, m: None)
     lap = lap or (lambda name: None)
-    if cfg.method == "hull":
-        from im3d.mesh.hull import carve_field
+    cameras = getattr(views, "cameras", None) if views is not None else None
+    masks = getattr(views, "masks", None) if views is not None else None
+    field_progress = lambda f, m: report(0.8 * f, f"meshing: {m}")  # noqa: E731
+    if cfg.method in ("hull", "tsdf"):  # view-based fields: inside > 0, iso-level 0
+        if cfg.method == "hull":
+            from im3d.mesh.hull import carve_field
 
-        cameras = getattr(views, "cameras", None) if views is not None else None
-        masks = getattr(views, "masks", None) if views is not None else None
-        field, grid = carve_field(
-            splats, gaussians, cfg.grid_resolution, cameras, masks, cfg.depth_margin,
-            cancel=cancel, progress=lambda f, m: report(0.8 * f, f"meshing: {m}"),
-        )  # fmt: skip
-        iso = 0.0
-        if not float(field.max()) > iso:
-            raise MeshingError("no_surface", "no point is inside every view's mask: nothing to mesh")
-        values = field
-    elif cfg.method == "tsdf":
-        from im3d.mesh.tsdf import fuse_splat_depth
+            values, grid = carve_field(
+                splats, gaussians, cfg.grid_resolution, cameras, masks, cfg.depth_margin, cancel=cancel, progress=field_progress
+            )  # fmt: skip
+            empty = "no point is inside every view's mask: nothing to mesh"
+        else:
+            from im3d.mesh.tsdf import fuse_splat_depth
 
-        report(0.0, "meshing: rendering splat depth")
-        cameras = getattr(views, "cameras", None) if views is not None else None
-        masks = getattr(views, "masks", None) if (views is not None and cfg.carve_with_masks) else None
-        field, grid = fuse_splat_depth(
-            splats, gaussians, cfg.grid_resolution, cameras, masks, cfg.extra_views, cfg.truncation_voxels,
-            cancel=cancel, progress=lambda f, m: report(0.8 * f, f"meshing: {m}"),
-        )  # fmt: skip
+            values, grid = fuse_splat_depth(
+                splats, gaussians, cfg.grid_resolution, cameras, masks if cfg.carve_with_masks else None,
+                cfg.extra_views, cfg.truncation_voxels, cancel=cancel, progress=field_progress,
+            )  # fmt: skip
+            empty = "the splats render no surface from any view (every pixel is empty): nothing to mesh"
         iso = 0.0
-        if not float(field.max()) > iso:
-            raise MeshingError("no_surface", "the splats render no surface from any view (every pixel is empty): nothing to mesh")
-        values = field
+        if not float(values.max()) > iso:
+            raise MeshingError("no_surface", empty)
     else:
         report(0.0, "meshing: density grid")
-        grid = evaluate_density(gaussians, cfg.grid_resolution, cancel=cancel, progress=lambda f, m: report(0.8 * f, f"meshing: {m}"))
+        grid = evaluate_density(gaussians, cfg.grid_resolution, cancel=cancel, progress=field_progress)
         values = grid.values.copy()
         if cfg.threshold > 0:
             iso = cfg.threshold  # an absolute density level, as the user asked
@@ -102,7 +97,7 @@ def extract_surface(
                 "no_surface",
                 f"no density reaches the iso-level {iso:.3g} (max {float(values.max()):.3g}); lower mesh.threshold",
             )
-    lap("density")
+    lap("field")
 
     check_cancel(cancel)
     report(0.8, "meshing: marching cubes")
