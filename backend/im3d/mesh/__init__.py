@@ -5,9 +5,9 @@
     report = mesh_ply_to_glb("splats.ply", "mesh.glb", config)         # what `im3d mesh` calls
 
 Stages (each reports progress and checks `cancel()`):
-  1. field     mesh.method "hull" (default): the fitted views' silhouettes (masks, or the splats'
-               renders where they cover more) carved further where the splats' rendered depth shows
-               space (hull.py); without views it falls back to "density": Gaussian density
+  1. field     mesh.method "hull" (default): the fitted views' silhouettes (their masks, or the
+               splats where they are near-opaque) carved further where the splats' rendered depth
+               shows space (hull.py); without views it falls back to "density": Gaussian density
                (density.py); "tsdf": splat depth fused into a TSDF (tsdf.py)
   2. surface   marching cubes (PyMCubes) on that field, outward normals (surface.py)
   3. cleanup   drop floaters, decimate to the face budget, (density only: snap), Taubin smoothing

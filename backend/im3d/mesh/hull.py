@@ -119,7 +119,11 @@ def carve_field(
     front = _front_depth(field.view(shape), origin, voxel, viewmats, Ks, W, H)  # [C, H, W]
     concave = torch.isfinite(depth) & (depth - front > 2 * margin)
     carve_to = torch.where(concave, depth - voxel, depth - margin)
-    if bool(torch.isfinite(depth).any()):
+    # No information: carve up to the camera plane, i.e. nothing. Finite everywhere, so the depth
+    # maps can be sampled bilinearly (a smooth surface, not a staircase of pixels), and next to
+    # such pixels the blend carves less, never more.
+    carve_to = torch.where(torch.isfinite(carve_to), carve_to, torch.zeros_like(carve_to))
+    if bool((carve_to > 0).any()):
         for part, points in batches("carving what the splats' depth shows empty", 0.7, 0.3):
             undecided = torch.nonzero(field[part] > -clamp).squeeze(-1)  # -clamp is final under min()
             values = field[part]
@@ -167,7 +171,7 @@ def _depth_distance(
     points: torch.Tensor,  # [P, 3] float32 world
     viewmats: torch.Tensor,
     Ks: torch.Tensor,
-    depth: torch.Tensor,  # [C, H, W] camera z up to which the view carves; inf: no carving
+    depth: torch.Tensor,  # [C, H, W] camera z up to which the view carves (0: nothing)
     clamp: float,
 ) -> torch.Tensor:
     """min over views of how far behind each view's carving depth each point is (world units), clamped."""
@@ -176,9 +180,8 @@ def _depth_distance(
     active = torch.arange(points.shape[0])
     for c in range(C):
         z, grid = _project(points[active], viewmats[c], Ks[c], W, H)
-        surface = torch.nn.functional.grid_sample(depth[c][None, None], grid, mode="nearest", padding_mode="border", align_corners=False)[0, 0, 0]
-        distance = z - surface
-        distance = torch.where(torch.isfinite(distance), distance, torch.full_like(distance, clamp)).clamp(-clamp, clamp)
+        surface = torch.nn.functional.grid_sample(depth[c][None, None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0, 0, 0]
+        distance = (z - surface).clamp(-clamp, clamp)
         value = torch.minimum(behind[active], distance)
         behind[active] = value
         active = active[value > -clamp]
