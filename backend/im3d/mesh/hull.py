@@ -133,59 +133,52 @@ def carve_field(
     return values, DensityGrid(values=values, origin=origin, voxel=voxel)
 
 
-def _project(points: torch.Tensor, viewmat: torch.Tensor, K: torch.Tensor, width: int, height: int):
-    """World points [P, 3] -> camera z [P] and grid_sample coordinates [1, 1, P, 2] (pixel centres at +0.5)."""
+def _project(points: torch.Tensor, viewmat: torch.Tensor, K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """World points [P, 3] -> camera z, pixel u, v, each [P] (pixel centres at +0.5)."""
     cam = points @ viewmat[:3, :3].T + viewmat[:3, 3]
-    z = cam[:, 2].clamp_min(1e-9)
-    u = K[0, 0] * cam[:, 0] / z + K[0, 2]
-    v = K[1, 1] * cam[:, 1] / z + K[1, 2]
-    grid = torch.stack([u * (2 / width) - 1, v * (2 / height) - 1], dim=-1)[None, None]
-    return z, grid
+    z = cam[:, 2]
+    return z, K[0, 0] * cam[:, 0] / z.clamp_min(1e-9) + K[0, 2], K[1, 1] * cam[:, 1] / z.clamp_min(1e-9) + K[1, 2]
 
 
-def _silhouette_distance(
+def _min_over_views(
     points: torch.Tensor,  # [P, 3] float32 world
     viewmats: torch.Tensor,  # [C, 4, 4]
     Ks: torch.Tensor,  # [C, 3, 3]
-    masks: torch.Tensor,  # [C, H, W] in [0, 1]
+    maps: torch.Tensor,  # [C, H, W] per-view map, sampled bilinearly at each point's pixel
     clamp: float,
+    value: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],  # (view, z, sampled, grid [P, 2]) -> [P]
 ) -> torch.Tensor:
-    """min over views of how far inside the mask each point projects (world units, + inside), clamped."""
-    C, H, W = masks.shape
-    inside = torch.full((points.shape[0],), clamp, dtype=torch.float32)
-    active = torch.arange(points.shape[0])  # points not yet -clamp: the min can still change
-    for c in range(C):
-        z, grid = _project(points[active], viewmats[c], Ks[c], W, H)
-        # Outside the image the mask is 0: nothing of the object is there.
-        m = torch.nn.functional.grid_sample(masks[c][None, None] - 0.5, grid, mode="bilinear", padding_mode="border", align_corners=False)[0, 0, 0]
-        m = torch.where((grid[0, 0].abs() <= 1).all(-1), m, torch.full_like(m, -0.5))
-        pixel = z / Ks[c, 0, 0]  # world size of a pixel at the point's depth
-        # The soft mask ramps over about a pixel at its edge: (m - 1/2) * 2 pixels ~ signed distance.
-        value = torch.minimum(inside[active], (m * 2 * pixel).clamp(-clamp, clamp))
-        inside[active] = value
-        active = active[value > -clamp]
-    return inside
-
-
-def _depth_distance(
-    points: torch.Tensor,  # [P, 3] float32 world
-    viewmats: torch.Tensor,
-    Ks: torch.Tensor,
-    depth: torch.Tensor,  # [C, H, W] camera z up to which the view carves (0: nothing)
-    clamp: float,
-) -> torch.Tensor:
-    """min over views of how far behind each view's carving depth each point is (world units), clamped."""
-    C, H, W = depth.shape
-    behind = torch.full((points.shape[0],), clamp, dtype=torch.float32)
+    """min over views of value(...), clamped to ±clamp. A point at -clamp is settled (the min
+    cannot change), so later views only visit the points still undecided."""
+    C, H, W = maps.shape
+    out = torch.full((points.shape[0],), clamp, dtype=torch.float32)
     active = torch.arange(points.shape[0])
     for c in range(C):
-        z, grid = _project(points[active], viewmats[c], Ks[c], W, H)
-        surface = torch.nn.functional.grid_sample(depth[c][None, None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0, 0, 0]
-        distance = (z - surface).clamp(-clamp, clamp)
-        value = torch.minimum(behind[active], distance)
-        behind[active] = value
-        active = active[value > -clamp]
-    return behind
+        z, u, v = _project(points[active], viewmats[c], Ks[c])
+        grid = torch.stack([u * (2 / W) - 1, v * (2 / H) - 1], dim=-1)  # grid_sample's align_corners=False
+        sampled = torch.nn.functional.grid_sample(
+            maps[c][None, None], grid[None, None], mode="bilinear", padding_mode="border", align_corners=False
+        )[0, 0, 0]
+        settled = torch.minimum(out[active], value(c, z, sampled, grid).clamp(-clamp, clamp))
+        out[active] = settled
+        active = active[settled > -clamp]
+    return out
+
+
+def _silhouette_distance(points, viewmats, Ks, masks: torch.Tensor, clamp: float) -> torch.Tensor:
+    """min over views of how far inside the mask [C, H, W] each point projects (world units, + inside)."""
+
+    def inside(c, z, m, grid):
+        m = torch.where((grid.abs() <= 1).all(-1), m, torch.full_like(m, -0.5))  # outside the image: nothing of the object
+        # The soft mask ramps over about a pixel at its edge: (m - 1/2) * 2 pixels ~ signed distance.
+        return m * 2 * (z / Ks[c, 0, 0])
+
+    return _min_over_views(points, viewmats, Ks, masks - 0.5, clamp, inside)
+
+
+def _depth_distance(points, viewmats, Ks, depth: torch.Tensor, clamp: float) -> torch.Tensor:
+    """min over views of how far behind each view's carving depth [C, H, W] (0: nothing) each point is."""
+    return _min_over_views(points, viewmats, Ks, depth, clamp, lambda c, z, surface, grid: z - surface)
 
 
 def _front_depth(
@@ -210,11 +203,9 @@ def _front_depth(
     out = torch.full((C, height * width), float("inf"))
     for c in range(C):
         for start in range(0, occupied.shape[0], POINTS_PER_BATCH):
-            cam = occupied[start : start + POINTS_PER_BATCH] @ viewmats[c, :3, :3].T + viewmats[c, :3, 3]
-            z = cam[:, 2].clamp_min(1e-9)
-            u = torch.floor(Ks[c, 0, 0] * cam[:, 0] / z + Ks[c, 0, 2]).long()
-            v = torch.floor(Ks[c, 1, 1] * cam[:, 1] / z + Ks[c, 1, 2]).long()
-            ok = (cam[:, 2] > 0) & (u >= 0) & (u < width) & (v >= 0) & (v < height)
+            z, u, v = _project(occupied[start : start + POINTS_PER_BATCH], viewmats[c], Ks[c])
+            u, v = torch.floor(u).long(), torch.floor(v).long()
+            ok = (z > 0) & (u >= 0) & (u < width) & (v >= 0) & (v < height)
             out[c].scatter_reduce_(0, v[ok] * width + u[ok], z[ok], reduce="amin")
     out = out.view(C, 1, height, width)
     return -torch.nn.functional.max_pool2d(-out, 3, stride=1, padding=1)[:, 0]
