@@ -21,13 +21,23 @@ the splats' density surface follows that. So the views decide first and the spla
    down to it (so a cup's floor is not raised by the margin). Where the rendering is faint,
    depth says nothing.
 
-A point inside every mask and behind every view's rendered surface is inside, so the surface closes
-over what no view sees (an object's underside: from one ring of views above it, a shallow cone
-down to the splats' extent), and there are no inner walls.
+3. **The unseen underside.** A point inside every mask and behind every view's rendered surface
+   is inside, so from a ring of views above an object the hull hangs a cone under it that no view
+   can see or carve (a quarter of the radius deep from 15° up: the mug's and the wedge's worst
+   error, F 0.86 / 0.71). When the views lie to one side (their mean direction from the object
+   is not ~0) and the object stands on a base there (its sections do not narrow toward the
+   lowest seen point), everything beyond the lowest point any view *sees* - the splats'
+   rendered surface, back-projected, its 99.9th percentile - is cut flat (F 0.97 / 0.94). Under
+   a round object the lowest seen point lies well above its bottom (0.3 radii under a sphere seen
+   from 20° up and 1.7 away) and the hull's own closure is the better guess, so it stays; views
+   all round the object cut nothing.
+
+There are no inner walls.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -57,6 +67,7 @@ def carve_field(
     cameras: Cameras,  # the fitted views
     masks: torch.Tensor,  # [C, H, W, 1] their masks in [0, 1]
     depth_margin: float,  # share of the grid's half-size a point must lie in front of the rendered surface to be carved
+    flat_underside: bool = True,  # cut what no view sees beyond the lowest seen point, away from the cameras
     cancel: Callable[[], bool] | None = None,
     progress: Callable[[float, str], None] | None = None,
 ) -> tuple[np.ndarray, DensityGrid]:
@@ -129,8 +140,84 @@ def carve_field(
             values = field[part]
             values[undecided] = torch.minimum(values[undecided], _depth_distance(points[undecided], viewmats, Ks, carve_to, clamp))
             field[part] = values
+
+    # 3. The unseen underside: flat beyond the lowest seen point, away from the cameras.
+    if flat_underside:
+        cut = _underside_cut(depth, viewmats, Ks, origin + 0.5 * voxel * (np.asarray(shape) - 1))
+        if cut is not None and _base_slope(field, shape, axes, *cut, voxel) <= STANDING_SLOPE:
+            down, level = cut
+            for part, points in batches("closing the unseen underside", 1.0, 0.0):
+                field[part] = torch.minimum(field[part], (level - points @ down).clamp(-clamp, clamp))
     values = field.view(shape).numpy()
     return values, DensityGrid(values=values, origin=origin, voxel=voxel)
+
+
+# The views lie to one side of the object when their mean unit direction from it is at least this
+# long (a ring 15° up: 0.26; a full sphere of views: ~0).
+ONE_SIDED_VIEWS = 0.1
+# The cut is made only where the object stands on a base: its sections above the lowest seen point
+# narrow toward it by at most this much radius per height (a mug's wall: ~0; a wedge: < 0; a
+# sphere's underside, where the hull's own closure is the better guess: 0.8 and more), measured
+# over this share of the object's height.
+STANDING_SLOPE = 0.4
+BASE_RISE = 0.05
+# The lowest seen point is this quantile of the seen points' heights (a stray pixel cannot lower the cut much).
+LOWEST_SEEN_QUANTILE = 0.999
+
+
+def _underside_cut(
+    depth: torch.Tensor,  # [C, H, W] camera z of the rendered surface (inf: not covered)
+    viewmats: torch.Tensor,  # [C, 4, 4]
+    Ks: torch.Tensor,  # [C, 3, 3]
+    centre: np.ndarray,  # [3] the grid's centre
+) -> tuple[torch.Tensor, float] | None:
+    """(down [3], level): the direction away from the cameras and the furthest seen point along it;
+    None when the views are all round the object or see nothing."""
+    R, t = viewmats[:, :3, :3], viewmats[:, :3, 3]
+    eyes = -(R.transpose(1, 2) @ t[..., None])[..., 0]  # [C, 3] camera centres
+    side = torch.nn.functional.normalize(eyes - torch.as_tensor(centre, dtype=torch.float32), dim=-1).mean(0)
+    if float(side.norm()) < ONE_SIDED_VIEWS:
+        return None
+    down = -side / side.norm()
+    C, H, W = depth.shape
+    v, u = torch.meshgrid(torch.arange(H, dtype=torch.float32) + 0.5, torch.arange(W, dtype=torch.float32) + 0.5, indexing="ij")
+    heights = []
+    for c in range(C):
+        seen = torch.isfinite(depth[c])
+        if not bool(seen.any()):
+            continue
+        z = depth[c][seen]
+        cam = torch.stack([(u[seen] - Ks[c, 0, 2]) / Ks[c, 0, 0] * z, (v[seen] - Ks[c, 1, 2]) / Ks[c, 1, 1] * z, z], dim=-1)
+        world = (cam - t[c]) @ R[c]  # R^T (x - t), row-wise
+        heights.append(world @ down)
+    if not heights:
+        return None
+    return down, float(np.quantile(torch.cat(heights).numpy(), LOWEST_SEEN_QUANTILE))
+
+
+def _base_slope(
+    field: torch.Tensor,  # [X*Y*Z] inside-positive, flattened
+    shape: tuple[int, int, int],
+    axes: list[torch.Tensor],  # grid coordinates per axis
+    down: torch.Tensor,  # [3]
+    level: float,
+    voxel: float,
+) -> float:
+    """How fast the solid narrows toward `level` along `down`, as d(radius)/d(height) of its
+    sections (a section's radius: that of a disc of the same area) over the last few voxels
+    above the level: ~0 for a wall standing on a base, < 0 where it flares out, > 0 where it rounds off."""
+    inside = torch.nonzero(field.view(shape) > 0)
+    if len(inside) == 0:
+        return float("inf")
+    heights = torch.stack([axes[a][inside[:, a]] for a in range(3)], dim=-1) @ down
+    low = float(heights.min())
+    slices = torch.bincount(((heights - low) / voxel).long()).float()
+    step = max(3, round(BASE_RISE * len(slices)))
+    at_level = int((level - low) / voxel) - 1  # the slice just above the cut
+    if at_level - step < 0 or at_level >= len(slices):
+        return float("inf")
+    radius = lambda i: math.sqrt(float(slices[i]) / math.pi) * voxel  # noqa: E731
+    return (radius(at_level - step) - radius(at_level)) / (step * voxel)
 
 
 def _project(points: torch.Tensor, viewmat: torch.Tensor, K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
