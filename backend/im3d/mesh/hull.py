@@ -107,27 +107,17 @@ def carve_field(
     viewmats = cameras.viewmats.float().cpu()
     Ks = cameras.Ks.float().cpu()
     axes = [torch.arange(n, dtype=torch.float32) * voxel + float(origin[a]) for a, n in enumerate(shape)]
-    total = int(np.prod(shape))
-
-    def batches(stage: str, start_fraction: float, span: float):
-        for start in range(0, total, POINTS_PER_BATCH):
-            check_cancel(cancel)
-            index = torch.arange(start, min(total, start + POINTS_PER_BATCH))
-            i, rest = index // (shape[1] * shape[2]), index % (shape[1] * shape[2])
-            j, k = rest // shape[2], rest % shape[2]
-            yield slice(start, start + len(index)), torch.stack([axes[0][i], axes[1][j], axes[2][k]], dim=-1)
-            report(start_fraction + span * min(1.0, (start + len(index)) / total), stage)
 
     # 1. Visual hull of the masks.
-    field = torch.empty(total, dtype=torch.float32)
-    for part, points in batches("visual hull of the views", 0.4, 0.3):
-        field[part] = _silhouette_distance(points, viewmats, Ks, silhouette, clamp)
+    silhouette_distance = lambda points: _silhouette_distance(points, viewmats, Ks, silhouette, clamp)  # noqa: E731
+    hull, hull_exact = _coarse_to_fine(silhouette_distance, axes, None, cancel, lambda f: report(0.4 + 0.3 * f, "visual hull of the views"))
+    passes = [(hull, hull_exact, silhouette_distance)]
 
     # 2. Depth carving: space more than the margin in front of the splats' rendered surface. Where
     #    that surface lies far behind the hull's own front (more than twice the margin: the inside
     #    of a cup, not a fit's recessed depth), it is a concavity and is carved all the way to it.
     margin = depth_margin * 0.5 * voxel * (max(shape) - 1)
-    front = _front_depth(field.view(shape), origin, voxel, viewmats, Ks, W, H)  # [C, H, W]
+    front = _front_depth(hull, origin, voxel, viewmats, Ks, W, H)  # [C, H, W]
     concave = torch.isfinite(depth) & (depth - front > 2 * margin)
     carve_to = torch.where(concave, depth - voxel, depth - margin)
     # No information: carve up to the camera plane, i.e. nothing. Finite everywhere, so the depth
@@ -135,20 +125,23 @@ def carve_field(
     # such pixels the blend carves less, never more.
     carve_to = torch.where(torch.isfinite(carve_to), carve_to, torch.zeros_like(carve_to))
     if bool((carve_to > 0).any()):
-        for part, points in batches("carving what the splats' depth shows empty", 0.7, 0.3):
-            undecided = torch.nonzero(field[part] > -clamp).squeeze(-1)  # -clamp is final under min()
-            values = field[part]
-            values[undecided] = torch.minimum(values[undecided], _depth_distance(points[undecided], viewmats, Ks, carve_to, clamp))
-            field[part] = values
+        depth_distance = lambda points: _depth_distance(points, viewmats, Ks, carve_to, clamp)  # noqa: E731
+        stage = "carving what the splats' depth shows empty"
+        carved, carved_exact = _coarse_to_fine(depth_distance, axes, hull > -clamp, cancel, lambda f: report(0.7 + 0.3 * f, stage))  # -clamp is final under min()
+        passes.append((carved, carved_exact, depth_distance))
+    field = _exact_where_the_sign_changes(
+        torch.stack([values for values, _, _ in passes]).amin(0), passes, axes,
+        lambda: torch.stack([values for values, _, _ in passes]).amin(0), cancel,
+    )  # fmt: skip
 
     # 3. The unseen underside: flat beyond the lowest seen point, away from the cameras.
     if flat_underside:
         cut = _underside_cut(depth, viewmats, Ks, origin + 0.5 * voxel * (np.asarray(shape) - 1))
-        if cut is not None and _base_slope(field, shape, axes, *cut, voxel) <= STANDING_SLOPE:
+        if cut is not None and _base_slope(field, axes, *cut, voxel) <= STANDING_SLOPE:
             down, level = cut
-            for part, points in batches("closing the unseen underside", 1.0, 0.0):
-                field[part] = torch.minimum(field[part], (level - points @ down).clamp(-clamp, clamp))
-    values = field.view(shape).numpy()
+            height = axes[0][:, None, None] * down[0] + axes[1][None, :, None] * down[1] + axes[2][None, None, :] * down[2]
+            field = torch.minimum(field, (level - height).clamp(-clamp, clamp))
+    values = field.numpy()
     return values, DensityGrid(values=values, origin=origin, voxel=voxel)
 
 
@@ -196,8 +189,7 @@ def _underside_cut(
 
 
 def _base_slope(
-    field: torch.Tensor,  # [X*Y*Z] inside-positive, flattened
-    shape: tuple[int, int, int],
+    field: torch.Tensor,  # [X, Y, Z] inside-positive
     axes: list[torch.Tensor],  # grid coordinates per axis
     down: torch.Tensor,  # [3]
     level: float,
@@ -206,7 +198,7 @@ def _base_slope(
     """How fast the solid narrows toward `level` along `down`, as d(radius)/d(height) of its
     sections (a section's radius: that of a disc of the same area) over the last few voxels
     above the level: ~0 for a wall standing on a base, < 0 where it flares out, > 0 where it rounds off."""
-    inside = torch.nonzero(field.view(shape) > 0)
+    inside = torch.nonzero(field > 0)
     if len(inside) == 0:
         return float("inf")
     heights = torch.stack([axes[a][inside[:, a]] for a in range(3)], dim=-1) @ down
@@ -218,6 +210,86 @@ def _base_slope(
         return float("inf")
     radius = lambda i: math.sqrt(float(slices[i]) / math.pi) * voxel  # noqa: E731
     return (radius(at_level - step) - radius(at_level)) / (step * voxel)
+
+
+def _coarse_to_fine(
+    evaluate: Callable[[torch.Tensor], torch.Tensor],  # world points [P, 3] -> values [P]
+    axes: list[torch.Tensor],  # the grid's coordinates per axis
+    wanted: torch.Tensor | None,  # [X, Y, Z] the points whose value is used (None: all)
+    cancel: Callable[[], bool] | None,
+    report: Callable[[float], None],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """([X, Y, Z] values of `evaluate` on the grid, [X, Y, Z] where they are exact).
+
+    Every other grid point is evaluated first; a point whose coarse neighbours (within one coarse
+    step: two to three grid steps) all lie on the same side of the surface takes the nearest one's
+    value, the rest - the band around the surface - are evaluated. Signs are right wherever no
+    part thinner than two grid steps slips between coarse points (a sub-pixel part at 128² views);
+    values are not, so `_exact_where_the_sign_changes` evaluates the few approximate points that
+    end up next to the surface. Unwanted points are +inf (no effect under min()).
+    """
+    shape = tuple(len(a) for a in axes)
+    flat = torch.arange(int(np.prod(shape))).view(shape)
+    coarse_index = flat[::2, ::2, ::2]
+    coarse = _values_at(evaluate, axes, coarse_index.reshape(-1), cancel, lambda f: report(0.3 * f)).view(coarse_index.shape)
+    dilate = lambda x: torch.nn.functional.max_pool3d(x.float()[None, None], 3, stride=1, padding=1)[0, 0] > 0  # noqa: E731
+    inside = coarse > 0
+    unsettled = dilate(inside) & dilate(~inside)  # coarse points with a neighbour on the other side
+    up = [torch.arange(n) // 2 for n in shape]  # fine index -> the coarse point at or before it
+    field = coarse[up[0][:, None, None], up[1][None, :, None], up[2][None, None, :]]
+    exact = unsettled[up[0][:, None, None], up[1][None, :, None], up[2][None, None, :]]
+    if wanted is not None:
+        exact &= wanted
+        field = torch.where(wanted, field, torch.full_like(field, float("inf")))
+    index = flat[exact]
+    field.view(-1)[index] = _values_at(evaluate, axes, index, cancel, lambda f: report(0.3 + 0.7 * f))
+    exact.view(-1)[coarse_index.reshape(-1)] = True
+    if wanted is not None:
+        exact |= ~wanted
+    return field, exact
+
+
+def _values_at(evaluate, axes: list[torch.Tensor], index: torch.Tensor, cancel, report) -> torch.Tensor:
+    """evaluate() at the grid points of flat indices [P], in batches -> [P]."""
+    shape = tuple(len(a) for a in axes)
+    out = torch.empty(len(index), dtype=torch.float32)
+    for start in range(0, len(index), POINTS_PER_BATCH):
+        report(start / max(1, len(index)))
+        check_cancel(cancel)
+        part = index[start : start + POINTS_PER_BATCH]
+        i, rest = part // (shape[1] * shape[2]), part % (shape[1] * shape[2])
+        j, k = rest // shape[2], rest % shape[2]
+        out[start : start + len(part)] = evaluate(torch.stack([axes[0][i], axes[1][j], axes[2][k]], dim=-1))
+    return out
+
+
+def _exact_where_the_sign_changes(
+    field: torch.Tensor,  # [X, Y, Z] min() of the passes' values
+    passes: list[tuple[torch.Tensor, torch.Tensor, Callable]],  # (values, exact, evaluate) per pass, values updated in place
+    axes: list[torch.Tensor],
+    combine: Callable[[], torch.Tensor],  # the field from the passes' values
+    cancel: Callable[[], bool] | None,
+) -> torch.Tensor:
+    """Marching cubes reads values only at the ends of edges that cross the surface: make every
+    such point exact in every pass (a few thousand points), until no approximate one is left there."""
+    for _ in range(16):  # each round adds the few points its own corrections moved the surface next to
+        inside = field > 0
+        crossing = torch.zeros_like(inside)
+        for axis in range(3):  # both ends of every grid edge whose ends differ in sign
+            n = inside.shape[axis]
+            differs = inside.narrow(axis, 1, n - 1) != inside.narrow(axis, 0, n - 1)
+            crossing.narrow(axis, 1, n - 1).logical_or_(differs)
+            crossing.narrow(axis, 0, n - 1).logical_or_(differs)
+        todo = crossing & ~torch.stack([exact for _, exact, _ in passes]).all(0)
+        if not bool(todo.any()):
+            break
+        index = torch.nonzero(todo.view(-1)).squeeze(-1)
+        for values, exact, evaluate in passes:
+            missing = index[~exact.view(-1)[index]]
+            values.view(-1)[missing] = _values_at(evaluate, axes, missing, cancel, lambda f: None)
+            exact.view(-1)[missing] = True
+        field = combine()
+    return field
 
 
 def _project(points: torch.Tensor, viewmat: torch.Tensor, K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
