@@ -81,34 +81,45 @@ def closest_point_on_triangles(p: np.ndarray, a: np.ndarray, b: np.ndarray, c: n
     return out
 
 
-def point_to_surface(points: np.ndarray, mesh: trimesh.Trimesh, candidates: int = 16) -> np.ndarray:
-    """Distance from each point to the mesh surface (exact over the `candidates` nearest faces)."""
+def point_to_surface(points: np.ndarray, mesh: trimesh.Trimesh, candidates: int = 16, return_faces: bool = False):
+    """Distance from each point to the mesh surface (exact over the `candidates` nearest faces);
+    with return_faces, also the index of the closest face."""
     tri = mesh.triangles
     # Long thin faces: their centroid can be far from their closest point, so big meshes get split.
     _, index = cKDTree(tri.mean(axis=1)).query(points, k=min(candidates, len(tri)), workers=-1)
+    index = index.reshape(len(points), -1)
     out = np.empty(len(points))
+    closest = np.empty(len(points), np.int64)
     for start in range(0, len(points), 20_000):
         idx = index[start : start + 20_000]
         p = points[start : start + 20_000, None, :]
         t = tri[idx]
         q = closest_point_on_triangles(p, t[..., 0, :], t[..., 1, :], t[..., 2, :])
-        out[start : start + 20_000] = np.linalg.norm(q - p, axis=-1).min(axis=1)
-    return out
+        distance = np.linalg.norm(q - p, axis=-1)
+        out[start : start + 20_000] = distance.min(axis=1)
+        closest[start : start + 20_000] = idx[np.arange(len(idx)), distance.argmin(axis=1)]
+    return (out, closest) if return_faces else out
 
 
 def geometry_metrics(vertices, faces, gt: trimesh.Trimesh, samples: int = 100_000, seed: int = 0) -> dict:
-    """Chamfer-L1 and F-score, point-to-surface both ways, in bounding-sphere radii."""
+    """Chamfer-L1 and F-score, point-to-surface both ways, in bounding-sphere radii; normal
+    consistency: mean |cos| between each sample's face normal and its closest face's on the other
+    surface, both ways (1 = smooth where the truth is smooth; pits and ridges lower it)."""
     radius = bounding_radius(gt)
     produced = trimesh.Trimesh(vertices, faces, process=False)
     gt_fine = gt.subdivide_to_size(max_edge=0.02 * radius, max_iter=8) if len(gt.faces) < 200_000 else gt
-    p, _ = trimesh.sample.sample_surface(produced, samples, seed=seed)
-    g, _ = trimesh.sample.sample_surface(gt, samples, seed=seed + 1)
-    d_pg = point_to_surface(p, gt_fine) / radius
-    d_gp = point_to_surface(g, produced) / radius
+    p, p_face = trimesh.sample.sample_surface(produced, samples, seed=seed)
+    g, g_face = trimesh.sample.sample_surface(gt, samples, seed=seed + 1)
+    d_pg, near_g = point_to_surface(p, gt_fine, return_faces=True)
+    d_gp, near_p = point_to_surface(g, produced, return_faces=True)
+    d_pg, d_gp = d_pg / radius, d_gp / radius
     precision, recall = (d_pg < 0.02).mean(), (d_gp < 0.02).mean()
+    cos_p = np.abs(np.einsum("ij,ij->i", produced.face_normals[p_face], gt_fine.face_normals[near_g]))
+    cos_g = np.abs(np.einsum("ij,ij->i", gt.face_normals[g_face], produced.face_normals[near_p]))
     return {
         "chamfer": 0.5 * (d_pg.mean() + d_gp.mean()),
         "fscore": 2 * precision * recall / max(precision + recall, 1e-12),
+        "normal_consistency": 0.5 * (cos_p.mean() + cos_g.mean()),
         "radius": radius,
     }
 

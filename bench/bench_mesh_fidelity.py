@@ -9,7 +9,9 @@ else default) and scores, at the held-out views:
   mesh    the same for an unlit render of `mesh.glb` as written (read back from the file: the
           texture looked up at the visible surface point; z-buffer, 4x4 supersampled)
   geometry Chamfer-L1 and F-score@0.02 of mesh.glb against the ground-truth mesh, in units of
-          the ground truth's bounding-sphere radius (100k surface samples each way)
+          the ground truth's bounding-sphere radius (100k surface samples each way), and normal
+          consistency (mean |cos| between the normals of closest points, both ways: the pits and
+          ridges that distances hide lower it)
   times   fit and meshing seconds, and the wall time of the job
 
     backend/.venv/bin/python bench/bench_mesh_fidelity.py                    # all objects, table + grid into docs/
@@ -207,6 +209,7 @@ def score(folder: Path, workdir: Path, metrics: dict, config) -> dict:
         "mesh_iou": float(mask_iou(mesh_alpha, test.masks)),
         "chamfer": float(geometry["chamfer"]),
         "fscore": float(geometry["fscore"]),
+        "normals": float(geometry["normal_consistency"]),
         "faces": int(len(glb["faces"])),
         "fit_s": float(metrics["timings"].get("fit_s", float("nan"))),
         "mesh_s": float(metrics["timings"].get("mesh_s", float("nan"))),
@@ -223,14 +226,14 @@ def score(folder: Path, workdir: Path, metrics: dict, config) -> dict:
 def table(rows: dict[str, dict]) -> str:
     head = (
         "| object | thin part | Gaussians | splats PSNR / SSIM / IoU | mesh PSNR / SSIM / IoU | mesh − splats (dB) "
-        "| Chamfer-L1 (r) | F@0.02 | faces | fit (s) | mesh (s) | job wall (s) |"
+        "| Chamfer-L1 (r) | F@0.02 | normal consistency | faces | fit (s) | mesh (s) | job wall (s) |"
     )
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for name, r in rows.items():
         lines.append(
             f"| {name} | {THIN.get(name, '')} | {r['gaussians']:,} | {r['splat_psnr']:.1f} / {r['splat_ssim']:.3f} / {r['splat_iou']:.3f} "
             f"| {r['mesh_psnr']:.1f} / {r['mesh_ssim']:.3f} / {r['mesh_iou']:.3f} | {r['mesh_psnr'] - r['splat_psnr']:+.1f} "
-            f"| {r['chamfer']:.4f} | {r['fscore']:.3f} | {r['faces']:,} | {r['fit_s']:.1f} | {r['mesh_s']:.1f} | {r['wall_s']:.1f} |"
+            f"| {r['chamfer']:.4f} | {r['fscore']:.3f} | {r['normals']:.3f} | {r['faces']:,} | {r['fit_s']:.1f} | {r['mesh_s']:.1f} | {r['wall_s']:.1f} |"
         )
     if len(rows) > 1:
         med = lambda k: float(np.median([r[k] for r in rows.values()]))  # noqa: E731
@@ -239,7 +242,7 @@ def table(rows: dict[str, dict]) -> str:
             f"| **median** | | | {med('splat_psnr'):.1f} / {med('splat_ssim'):.3f} / {med('splat_iou'):.3f} "
             f"| {med('mesh_psnr'):.1f} / {med('mesh_ssim'):.3f} / {med('mesh_iou'):.3f} "
             f"| {float(np.median([r['mesh_psnr'] - r['splat_psnr'] for r in rows.values()])):+.1f} "
-            f"| {med('chamfer'):.4f} | {med('fscore'):.3f} (min {lo('fscore'):.3f}) | | {med('fit_s'):.1f} | {med('mesh_s'):.1f} | {med('wall_s'):.1f} |"
+            f"| {med('chamfer'):.4f} | {med('fscore'):.3f} (min {lo('fscore'):.3f}) | {med('normals'):.3f} | | {med('fit_s'):.1f} | {med('mesh_s'):.1f} | {med('wall_s'):.1f} |"
         )
     return "\n".join(lines)
 
@@ -297,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         r = rows[name]
         print(
             f"{name}: splats {r['splat_psnr']:.1f} dB, mesh {r['mesh_psnr']:.1f} dB, IoU {r['mesh_iou']:.3f}, "
-            f"chamfer {r['chamfer']:.4f}, F {r['fscore']:.3f}, fit {r['fit_s']:.1f} s, mesh {r['mesh_s']:.1f} s",
+            f"chamfer {r['chamfer']:.4f}, F {r['fscore']:.3f}, NC {r['normals']:.3f}, fit {r['fit_s']:.1f} s, mesh {r['mesh_s']:.1f} s",
             flush=True,
         )
     markdown = table(rows)

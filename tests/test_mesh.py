@@ -289,3 +289,24 @@ def test_smoothing_sees_a_cancel_between_passes_and_equals_one_call():
     with pytest.raises(Cancelled):
         taubin_smooth(noisy, sphere.faces, 100, cancel)
     assert len(calls) == 3
+
+
+def test_relax_folds_unfolds_a_spike_and_leaves_a_clean_mesh_alone():
+    """A vertex pushed through its neighbours folds triangles back (a dark speck in Blender); only
+    the folded neighbourhood moves, and a mesh without folds comes back unchanged."""
+    import trimesh
+
+    from im3d.mesh.cleanup import relax_folds
+
+    sphere = trimesh.creation.icosphere(subdivisions=3)
+    clean = relax_folds(sphere.vertices, sphere.faces)
+    assert np.array_equal(clean, sphere.vertices)
+    bent = sphere.vertices.copy()
+    neighbour = sphere.vertex_neighbors[0][0]
+    bent[0] = bent[neighbour] + 1.5 * (bent[neighbour] - bent[0])  # dragged across a neighbour: its fan folds over
+    folded = trimesh.Trimesh(bent, sphere.faces, process=False)
+    assert np.degrees(folded.face_adjacency_angles.max()) > 150
+    fixed = relax_folds(bent, sphere.faces)
+    assert np.degrees(trimesh.Trimesh(fixed, sphere.faces, process=False).face_adjacency_angles.max()) < 150
+    moved = np.linalg.norm(fixed - bent, axis=1) > 1e-12
+    assert moved[0] and moved.sum() <= 20  # the spike's neighbourhood only

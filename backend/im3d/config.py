@@ -110,7 +110,7 @@ class MeshConfig:
     bake_texture: bool = True  # UV atlas + albedo texture; false: vertex colours only
     texture_from_views: bool = True  # texels take the colour of the job's views that see them; false: splat colours only
     min_component_fraction: float = 0.02  # drop components with fewer faces than this share
-    smooth_iterations: int = 2  # Taubin smoothing passes after marching cubes
+    smooth_iterations: int = 10  # Taubin smoothing passes after marching cubes (volume-kept; they take out the pits a lit render shows as dark specks)
     face_budget: int = 50_000  # decimate to at most this many faces
     texture_size: int = 1024  # side of the baked albedo texture (512..2048)
     texture_padding: int = 4  # texels of padding around UV islands (no dark seams when mipmapped)

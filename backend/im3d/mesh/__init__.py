@@ -10,7 +10,7 @@ Stages (each reports progress and checks `cancel()`):
                shows space (hull.py); without views it falls back to "density": Gaussian density
                (density.py); "tsdf": splat depth fused into a TSDF (tsdf.py)
   2. surface   marching cubes (PyMCubes) on that field, outward normals (surface.py)
-  3. cleanup   drop floaters, decimate to the face budget, (density only: snap), Taubin smoothing
+  3. cleanup   drop floaters, Taubin smoothing, decimate to the face budget, (density only: snap), unfold folds
   4. texture   UV atlas (facing charts packed by xatlas), albedo back-projected from the views
                (bake_views.py), the splats' colours where no view sees the surface
 """
@@ -35,6 +35,7 @@ from im3d.mesh.cleanup import (
     face_components,
     mesh_statistics,
     remove_small_components,
+    relax_folds,
     snap_to_ridge,
     taubin_smooth,
     vertex_normals,
@@ -189,14 +190,18 @@ def mesh_from_splats(
             f"a face budget of {cfg.face_budget} cannot hold {components} closed components "
             f"(at least {4 * components} faces); raise mesh.face_budget or mesh.min_component_fraction",
         )
+    # Smoothed on marching cubes' regular triangles, before decimation: smoothing the decimated
+    # mesh's long thin triangles folds them (dark specks in Blender).
+    vertices = taubin_smooth(vertices, faces, cfg.smooth_iterations, cancel)
+    lap("smooth")
     vertices, faces = decimate(vertices, faces, cfg.face_budget)
     lap("decimate")
     check_cancel(cancel)
     snap_mean = 0.0
     if cfg.snap_to_splats and cfg.method == "density":  # the ridge is a density notion
         vertices, snap_mean = snap_to_ridge(vertices, faces, grid)
-    vertices = taubin_smooth(vertices, faces, cfg.smooth_iterations, cancel)
     faces = drop_degenerate(faces)
+    vertices = relax_folds(vertices, faces)
     normals = vertex_normals(vertices, faces)
     stats = mesh_statistics(vertices, faces)
     lap("smooth")

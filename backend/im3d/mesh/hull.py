@@ -56,6 +56,9 @@ POINTS_PER_BATCH = 1 << 21
 CLAMP_VOXELS = 3.0
 # The splats' coverage stands in for a view's mask where alpha - this exceeds 1/2 (alpha > 0.95).
 OPAQUE_SPLATS = 0.45
+# Carving depths are the median over this many pixels square (see carve_field: 3 -> 5 measured
+# F@0.02 median 0.944 -> 0.952, normal consistency 0.935 -> 0.942 on the nine bench objects).
+MEDIAN_PIXELS = 5
 # Views are carved at no more than this many pixels across per grid sample across.
 MAX_PIXELS_PER_VOXEL = 1.0
 
@@ -120,10 +123,16 @@ def carve_field(
     front = _front_depth(hull, origin, voxel, viewmats, Ks, W, H)  # [C, H, W]
     concave = torch.isfinite(depth) & (depth - front > 2 * margin)
     carve_to = torch.where(concave, depth - voxel, depth - margin)
+    # Each pixel carves to the median of its 5x5 neighbourhood (neighbours without depth count as
+    # the pixel itself): one pixel the splats leave deep (a gap between Gaussians) would dig a pit
+    # a pixel wide (the pits and scratches of a lit render), while on a slanted surface the median
+    # is the pixel's own depth, so carving keeps its place there.
+    known = torch.isfinite(carve_to)
+    carve_to = _median_filter(carve_to, known, MEDIAN_PIXELS)
     # No information: carve up to the camera plane, i.e. nothing. Finite everywhere, so the depth
     # maps can be sampled bilinearly (a smooth surface, not a staircase of pixels), and next to
     # such pixels the blend carves less, never more.
-    carve_to = torch.where(torch.isfinite(carve_to), carve_to, torch.zeros_like(carve_to))
+    carve_to = torch.where(known, carve_to, torch.zeros_like(carve_to))
     if bool((carve_to > 0).any()):
         depth_distance = lambda points: _depth_distance(points, viewmats, Ks, carve_to, clamp)  # noqa: E731
         stage = "carving what the splats' depth shows empty"
@@ -212,6 +221,21 @@ def _base_slope(
     return (radius(at_level - step) - radius(at_level)) / (step * voxel)
 
 
+def _median_filter(
+    maps: torch.Tensor,  # [C, H, W]
+    known: torch.Tensor,  # [C, H, W] where the maps hold a value
+    size: int,  # the neighbourhood's side (odd)
+) -> torch.Tensor:
+    """Median of each pixel's size x size neighbourhood, unknown neighbours replaced by the pixel itself."""
+    C, H, W = maps.shape
+    r = size // 2
+    centre = torch.where(known, maps, torch.zeros_like(maps))
+    padded = torch.nn.functional.pad(torch.where(known, maps, torch.full_like(maps, float("nan")))[:, None], (r, r, r, r), value=float("nan"))
+    patches = torch.nn.functional.unfold(padded, size).view(C, size * size, H, W)
+    patches = torch.where(torch.isnan(patches), centre[:, None].expand_as(patches), patches)
+    return torch.where(known, patches.median(dim=1).values, maps)
+
+
 def _coarse_to_fine(
     evaluate: Callable[[torch.Tensor], torch.Tensor],  # world points [P, 3] -> values [P]
     axes: list[torch.Tensor],  # the grid's coordinates per axis
@@ -232,7 +256,7 @@ def _coarse_to_fine(
     flat = torch.arange(int(np.prod(shape))).view(shape)
     coarse_index = flat[::2, ::2, ::2]
     coarse = _values_at(evaluate, axes, coarse_index.reshape(-1), cancel, lambda f: report(0.3 * f)).view(coarse_index.shape)
-    dilate = lambda x: torch.nn.functional.max_pool3d(x.float()[None, None], 3, stride=1, padding=1)[0, 0] > 0  # noqa: E731
+    dilate = _dilate
     inside = coarse > 0
     unsettled = dilate(inside) & dilate(~inside)  # coarse points with a neighbour on the other side
     up = [torch.arange(n) // 2 for n in shape]  # fine index -> the coarse point at or before it
@@ -247,6 +271,18 @@ def _coarse_to_fine(
     if wanted is not None:
         exact |= ~wanted
     return field, exact
+
+
+def _dilate(mask: torch.Tensor) -> torch.Tensor:
+    """[X, Y, Z] bool: true where the mask or any of its 26 neighbours is (one axis at a time)."""
+    out = mask.clone()
+    for axis in range(3):
+        n = out.shape[axis]
+        grown = out.clone()
+        grown.narrow(axis, 1, n - 1).logical_or_(out.narrow(axis, 0, n - 1))
+        grown.narrow(axis, 0, n - 1).logical_or_(out.narrow(axis, 1, n - 1))
+        out = grown
+    return out
 
 
 def _values_at(evaluate, axes: list[torch.Tensor], index: torch.Tensor, cancel, report) -> torch.Tensor:
@@ -310,17 +346,22 @@ def _min_over_views(
     """min over views of value(...), clamped to ±clamp. A point at -clamp is settled (the min
     cannot change), so later views only visit the points still undecided."""
     C, H, W = maps.shape
-    out = torch.full((points.shape[0],), clamp, dtype=torch.float32)
-    active = torch.arange(points.shape[0])
+    out = torch.empty(points.shape[0], dtype=torch.float32)
+    index, current = torch.arange(points.shape[0]), torch.full((points.shape[0],), clamp, dtype=torch.float32)
     for c in range(C):
-        z, u, v = _project(points[active], viewmats[c], Ks[c])
+        z, u, v = _project(points, viewmats[c], Ks[c])
         grid = torch.stack([u * (2 / W) - 1, v * (2 / H) - 1], dim=-1)  # grid_sample's align_corners=False
         sampled = torch.nn.functional.grid_sample(
             maps[c][None, None], grid[None, None], mode="bilinear", padding_mode="border", align_corners=False
         )[0, 0, 0]
-        settled = torch.minimum(out[active], value(c, z, sampled, grid).clamp(-clamp, clamp))
-        out[active] = settled
-        active = active[settled > -clamp]
+        current = torch.minimum(current, value(c, z, sampled, grid).clamp(-clamp, clamp))
+        settled = current <= -clamp
+        # Set the settled points aside once there are enough of them to pay for the copy.
+        if c + 1 < C and int(settled.sum()) * 4 > len(current):
+            out[index[settled]] = current[settled]
+            keep = ~settled
+            index, points, current = index[keep], points[keep], current[keep]
+    out[index] = current
     return out
 
 
@@ -354,9 +395,9 @@ def _front_depth(
     Voxel centres are z-buffered; a pixel takes the nearest of its 3x3 neighbourhood (pixels
     between centres), which errs toward the camera: fewer concavities, never more.
     """
-    inside = (field > 0).float()[None, None]
+    inside = field > 0
     # Only the hull's shell can be nearest to a camera: inside voxels with an outside neighbour.
-    shell = (inside + torch.nn.functional.max_pool3d(-inside, 3, stride=1, padding=1))[0, 0] > 0
+    shell = inside & _dilate(~inside)
     occupied = torch.nonzero(shell).float() * voxel + torch.as_tensor(origin, dtype=torch.float32)
     C = viewmats.shape[0]
     out = torch.full((C, height * width), float("inf"))
