@@ -227,6 +227,60 @@ def build_torus() -> bpy.types.Mesh:
     return _bmesh_to_mesh("torus", lambda bm: _torus(bm, 0.35, 0.13, 96, 32, Matrix.Rotation(math.radians(30), 4, "X")))
 
 
+# Held out of every tuning choice (bench/bench_mesh_fidelity.py --held-out): shapes the nine tuned
+# objects do not cover, to see whether the meshing's settings carry over.
+
+
+def build_vase() -> bpy.types.Mesh:
+    """A surface of revolution narrowing to a small foot and a neck, open at the top, 2.5 cm walls."""
+
+    def build(bm):
+        profile = [(0.0, -0.45), (0.12, -0.45), (0.24, -0.32), (0.3, -0.08), (0.24, 0.16), (0.13, 0.32), (0.16, 0.45)]
+        verts = [bm.verts.new((r, 0.0, z)) for r, z in profile]
+        edges = [bm.edges.new((a, b)) for a, b in zip(verts, verts[1:])]
+        bmesh.ops.spin(bm, geom=verts + edges, cent=(0, 0, 0), axis=(0, 0, 1), angle=2 * math.pi, steps=64, use_merge=True)
+        bmesh.ops.remove_doubles(bm, verts=bm.verts, dist=1e-6)
+        bmesh.ops.recalc_face_normals(bm, faces=bm.faces)
+
+    def modifiers(obj):
+        solid = obj.modifiers.new("walls", "SOLIDIFY")
+        solid.thickness, solid.offset = 0.025, -1.0
+
+    return _object_with_modifiers(_bmesh_to_mesh("vase", build), modifiers)
+
+
+def build_cone() -> bpy.types.Mesh:
+    """A wide flat base and a sharp apex."""
+    return _bmesh_to_mesh(
+        "cone", lambda bm: bmesh.ops.create_cone(bm, cap_ends=True, cap_tris=False, segments=64, radius1=0.45, radius2=0.0, depth=0.8)
+    )
+
+
+def build_chair() -> bpy.types.Mesh:
+    """Thin parts and a concave corner: a 0.45 m seat, 3.5 cm legs, a back panel 3 cm thick."""
+
+    def build(bm):
+        _box(bm, (-0.225, -0.225, 0.42), (0.225, 0.225, 0.46))
+        for x in (-0.225, 0.19):
+            for y in (-0.225, 0.19):
+                _box(bm, (x, y, 0.0), (x + 0.035, y + 0.035, 0.42))
+        _box(bm, (-0.225, 0.195, 0.46), (0.225, 0.225, 0.9))
+
+    return _bmesh_to_mesh("chair", build)
+
+
+def build_capsule() -> bpy.types.Mesh:
+    """A round underside lying down: a capsule along x (hemispherical ends on a cylinder)."""
+
+    def build(bm):
+        bmesh.ops.create_uvsphere(bm, u_segments=48, v_segments=24, radius=0.25)
+        for v in bm.verts:  # rotate the poles onto x, then pull the halves apart
+            v.co = Vector((v.co.z, v.co.y, -v.co.x))
+            v.co.x += 0.3 if v.co.x > 1e-6 else (-0.3 if v.co.x < -1e-6 else 0.0)
+
+    return _bmesh_to_mesh("capsule", build)
+
+
 BUILDERS: dict[str, Callable[[], bpy.types.Mesh]] = {
     "suzanne": build_suzanne,
     "mug": build_mug,
@@ -239,6 +293,10 @@ BUILDERS: dict[str, Callable[[], bpy.types.Mesh]] = {
     "bumpy": build_bumpy,
     "sphere": build_sphere,
     "torus": build_torus,
+    "vase": build_vase,
+    "cone": build_cone,
+    "chair": build_chair,
+    "capsule": build_capsule,
 }
 
 
@@ -309,6 +367,7 @@ def albedo_material(name: str, pattern: str) -> bpy.types.Material:
 PATTERNS = {
     "suzanne": "noise", "mug": "checker", "rounded_box": "wave", "torus_knot": "gradient", "table": "wave",
     "bowl": "checker", "sheet": "noise", "wedge": "checker", "bumpy": "gradient", "sphere": "noise", "torus": "wave",
+    "vase": "wave", "cone": "noise", "chair": "checker", "capsule": "gradient",
 }  # fmt: skip
 
 

@@ -41,10 +41,20 @@ def cup() -> trimesh.Trimesh:
     return trimesh.creation.revolve(profile, sections=96)
 
 
+def rounded_box(half=(0.42, 0.3, 0.2), radius: float = 0.07) -> trimesh.Trimesh:
+    """A box with rounded edges (the Minkowski sum of a box and a ball): each direction n of a
+    fine sphere goes to the box's corner that way plus radius * n."""
+    sphere = trimesh.creation.icosphere(subdivisions=4)
+    inner = np.asarray(half) - radius
+    vertices = np.sign(sphere.vertices) * inner + radius * sphere.vertices
+    return trimesh.Trimesh(vertices, sphere.faces, process=False)
+
+
 OBJECTS = {
     "sphere": lambda: trimesh.creation.icosphere(subdivisions=4, radius=0.5),
     "torus": lambda: trimesh.creation.torus(major_radius=0.35, minor_radius=0.13, major_sections=96, minor_sections=32),
     "cup": cup,
+    "rounded_box": rounded_box,
 }
 # Measured (see the module docstring): these leave margin over what the fits reach.
 # Measured 2026-12-01 (same with 1 or 2 threads): Chamfer / F / normal consistency: sphere 0.0069 /
@@ -101,7 +111,7 @@ def fitted(name: str):
     return gt, views, splats
 
 
-@pytest.mark.parametrize("name", list(OBJECTS))
+@pytest.mark.parametrize("name", list(THRESHOLDS))
 def test_fitted_splats_mesh_onto_the_true_surface(name):
     gt, views, splats = fitted(name)
     result = mesh_from_splats(splats, MeshConfig(**MESH), views=views)
@@ -180,6 +190,22 @@ def test_unseen_underside_is_closed_flat_not_hung_as_a_cone():
     a = geometry_metrics(flat.vertices, flat.faces, gt, samples=30_000)
     b = geometry_metrics(cone.vertices, cone.faces, gt, samples=30_000)
     assert a["fscore"] > b["fscore"] + 0.05 and a["chamfer"] < b["chamfer"], (a, b)
+
+
+def test_a_box_with_rounded_edges_stands_on_its_base():
+    """Its sections narrow toward the bottom like a sphere's (rounded edges), but its base is most
+    of its width: the unseen underside is cut flat too, not left as the hull's cone."""
+    gt, views, splats = _ideal("rounded_box")
+    flat = mesh_from_splats(splats, MeshConfig(**MESH), views=views)
+    cone = mesh_from_splats(splats, MeshConfig(**MESH, flat_underside=False), views=views)
+    bottom = float(gt.vertices[:, 2].min())
+    print(f"rounded box's lowest vertex: flat {flat.vertices[:, 2].min():.3f}, cone {cone.vertices[:, 2].min():.3f}, true {bottom:.3f}")
+    # Measured: flat -0.173 (the rounded edge is seen only down to there from 20° up, 1.7 away),
+    # cone -0.276, true -0.200.
+    assert abs(float(flat.vertices[:, 2].min()) - bottom) <= 0.035 and bottom - float(cone.vertices[:, 2].min()) > 0.06
+    a = geometry_metrics(flat.vertices, flat.faces, gt, samples=30_000)
+    b = geometry_metrics(cone.vertices, cone.faces, gt, samples=30_000)
+    assert a["fscore"] > b["fscore"] and a["chamfer"] < b["chamfer"], (a, b)
 
 
 def test_a_round_underside_keeps_the_hulls_closure():

@@ -146,7 +146,7 @@ def carve_field(
     # 3. The unseen underside: flat beyond the lowest seen point, away from the cameras.
     if flat_underside:
         cut = _underside_cut(depth, viewmats, Ks, origin + 0.5 * voxel * (np.asarray(shape) - 1))
-        if cut is not None and _base_slope(field, axes, *cut, voxel) <= STANDING_SLOPE:
+        if cut is not None and _stands_on_a_base(field, axes, *cut, voxel):
             down, level = cut
             height = axes[0][:, None, None] * down[0] + axes[1][None, :, None] * down[1] + axes[2][None, None, :] * down[2]
             field = torch.minimum(field, (level - height).clamp(-clamp, clamp))
@@ -157,10 +157,13 @@ def carve_field(
 # The views lie to one side of the object when their mean unit direction from it is at least this
 # long (a ring 15° up: 0.26; a full sphere of views: ~0).
 ONE_SIDED_VIEWS = 0.1
-# The cut is made only where the object stands on a base: its sections above the lowest seen point
-# narrow toward it by at most this much radius per height (a mug's wall: ~0; a wedge: < 0; a
-# sphere's underside, where the hull's own closure is the better guess: 0.8 and more), measured
-# over this share of the object's height.
+# The cut is made only where the object stands on a base: its section at the lowest seen point is
+# at least WIDE_BASE of its widest (measured: mug 0.92, wedge 0.96, a box with 12 cm rounded edges
+# 0.71; sphere, bumpy, torus, capsule 0.12-0.26, a sphere seen from 20° up and 1.7 away 0.62), or
+# its sections above that point narrow toward it by at most STANDING_SLOPE of radius per height,
+# measured over BASE_RISE of the object's height (mug ~0, wedge 0.13, table 0.26; round
+# undersides 0.65-2.4, where the hull's own closure is the better guess).
+WIDE_BASE = 0.7
 STANDING_SLOPE = 0.4
 BASE_RISE = 0.05
 # The lowest seen point is this quantile of the seen points' heights (a stray pixel cannot lower the cut much).
@@ -197,28 +200,31 @@ def _underside_cut(
     return down, float(np.quantile(torch.cat(heights).numpy(), LOWEST_SEEN_QUANTILE))
 
 
-def _base_slope(
+def _stands_on_a_base(
     field: torch.Tensor,  # [X, Y, Z] inside-positive
     axes: list[torch.Tensor],  # grid coordinates per axis
     down: torch.Tensor,  # [3]
     level: float,
     voxel: float,
-) -> float:
-    """How fast the solid narrows toward `level` along `down`, as d(radius)/d(height) of its
-    sections (a section's radius: that of a disc of the same area) over the last few voxels
-    above the level: ~0 for a wall standing on a base, < 0 where it flares out, > 0 where it rounds off."""
+) -> bool:
+    """Whether the solid stands on a base at `level` (along `down`): its section just above the
+    level is most of its widest (a box with rounded edges), or its sections do not narrow toward
+    the level (a mug's wall: radius per height ~0, a wedge or a cone < 0). A sphere seen from above
+    does neither: it narrows (radius per height > 1 under a ring 15° up) to a small section."""
     inside = torch.nonzero(field > 0)
     if len(inside) == 0:
-        return float("inf")
+        return False
     heights = torch.stack([axes[a][inside[:, a]] for a in range(3)], dim=-1) @ down
     low = float(heights.min())
     slices = torch.bincount(((heights - low) / voxel).long()).float()
     step = max(3, round(BASE_RISE * len(slices)))
     at_level = int((level - low) / voxel) - 1  # the slice just above the cut
     if at_level - step < 0 or at_level >= len(slices):
-        return float("inf")
-    radius = lambda i: math.sqrt(float(slices[i]) / math.pi) * voxel  # noqa: E731
-    return (radius(at_level - step) - radius(at_level)) / (step * voxel)
+        return False
+    if float(slices[at_level]) >= WIDE_BASE * float(slices.max()):
+        return True
+    radius = lambda i: math.sqrt(float(slices[i]) / math.pi) * voxel  # noqa: E731 (of a disc of the same area)
+    return (radius(at_level - step) - radius(at_level)) / (step * voxel) <= STANDING_SLOPE
 
 
 def _median_filter(
