@@ -26,13 +26,16 @@ the splats' density surface follows that. So the views decide first and the spla
    can see or carve (a quarter of the radius deep from 15° up: the mug's and the wedge's worst
    error, F 0.86 / 0.71). When the views lie to one side (their mean direction from the object
    is not ~0) and the object stands on a base there (its sections do not narrow toward the
-   lowest seen point), everything beyond the lowest point any view *sees* - the splats'
+   lowest seen point, or its section there is most of its width), everything beyond the lowest point any view *sees* - the splats'
    rendered surface, back-projected, its 99.9th percentile - is cut flat (F 0.97 / 0.94). Under
    a round object the lowest seen point lies well above its bottom (0.3 radii under a sphere seen
    from 20° up and 1.7 away) and the hull's own closure is the better guess, so it stays; views
    all round the object cut nothing.
 
-There are no inner walls.
+There are no inner walls. The carving depths are median-filtered (a lone deep pixel would dig a
+pit that a lit render shows as a dark speck). Both fields are evaluated coarse-to-fine (every
+other grid point, then the band where the sign changes, then exact values wherever marching cubes
+reads them), five times fewer evaluations at 256³.
 """
 
 from __future__ import annotations
@@ -232,14 +235,18 @@ def _median_filter(
     known: torch.Tensor,  # [C, H, W] where the maps hold a value
     size: int,  # the neighbourhood's side (odd)
 ) -> torch.Tensor:
-    """Median of each pixel's size x size neighbourhood, unknown neighbours replaced by the pixel itself."""
+    """Median of each pixel's size x size neighbourhood, unknown neighbours replaced by the pixel
+    itself; one view at a time (size² copies of a view in memory, not of all of them)."""
     C, H, W = maps.shape
     r = size // 2
-    centre = torch.where(known, maps, torch.zeros_like(maps))
-    padded = torch.nn.functional.pad(torch.where(known, maps, torch.full_like(maps, float("nan")))[:, None], (r, r, r, r), value=float("nan"))
-    patches = torch.nn.functional.unfold(padded, size).view(C, size * size, H, W)
-    patches = torch.where(torch.isnan(patches), centre[:, None].expand_as(patches), patches)
-    return torch.where(known, patches.median(dim=1).values, maps)
+    out = maps.clone()
+    for c in range(C):
+        centre = torch.where(known[c], maps[c], torch.zeros_like(maps[c]))
+        padded = torch.nn.functional.pad(torch.where(known[c], maps[c], torch.full_like(maps[c], float("nan")))[None, None], (r, r, r, r), value=float("nan"))
+        patches = torch.nn.functional.unfold(padded, size).view(size * size, H, W)
+        patches = torch.where(torch.isnan(patches), centre[None].expand_as(patches), patches)
+        out[c] = torch.where(known[c], patches.median(dim=0).values, maps[c])
+    return out
 
 
 def _coarse_to_fine(
