@@ -63,12 +63,12 @@ BACKGROUND = 1.0  # white, as the fit's default recon.background
 # 1. data and fits
 
 
-def ensure_dataset(data_dir: Path, name: str, size: int) -> Path:
+def ensure_dataset(data_dir: Path, name: str, size: int, elevation: float = 15.0) -> Path:
     folder = data_dir / name
     if not (folder / "transforms_test.json").is_file() or not (folder / "mesh.ply").is_file():
         print(f"[bench] rendering {name} with Blender into {data_dir}", file=sys.stderr, flush=True)
         subprocess.run(
-            [sys.executable, str(ROOT / "bench" / "render_datasets.py"), "--out", str(data_dir), "--size", str(size), "--objects", name],
+            [sys.executable, str(ROOT / "bench" / "render_datasets.py"), "--out", str(data_dir), "--size", str(size), "--objects", name, "--elevation", str(elevation)],
             check=True, stdout=subprocess.DEVNULL,
         )
     return folder
@@ -285,17 +285,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--remesh", action="store_true", help="re-mesh cached fits instead of fitting again")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     parser.add_argument("--no-docs", action="store_true", help="print only; do not touch docs/")
+    parser.add_argument("--elevation", type=float, default=15.0, help="training orbit elevation (not 15: own data and work folders, print only)")
     parser.add_argument("--grid", type=Path, default=None, help="picture grid (default: docs/mesh_fidelity[_held_out].png)")
     args = parser.parse_args(argv)
     names = [n for n in (args.objects or ",".join(HELD_OUT if args.held_out else OBJECTS)).split(",") if n]
     grid = args.grid or ROOT / "docs" / ("mesh_fidelity_held_out.png" if args.held_out else "mesh_fidelity.png")
+    if args.elevation != 15.0:  # another camera ring: its own datasets and fits, never the docs' tables
+        suffix = f"_e{args.elevation:g}"
+        args.data, args.work, args.no_docs = Path(f"{args.data}{suffix}"), Path(f"{args.work}{suffix}"), True
     config = bench_config(args.set)
     load = os.getloadavg()
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, load {load[0]:.1f}"
     print(f"machine: {machine}; overrides: {['recon.lpips_weight=0', *args.set]}", flush=True)
     rows = {}
     for name in names:
-        folder = ensure_dataset(args.data, name, 128)
+        folder = ensure_dataset(args.data, name, 128, args.elevation)
         workdir = args.work / name
         if args.remesh and (workdir / "bench.json").is_file():
             metrics = remesh_object(folder, workdir, args.set)

@@ -4,7 +4,7 @@ Each object is built from Blender primitives and modifiers, centred on the origi
 with an unlit procedural albedo (an emission shader driven by a procedural texture, so there is
 texture to reconstruct), rendered with Cycles on the CPU into a transparent film:
 
-    DIR/<object>/transforms_train.json + train/r_XXX.png   16 views on an orbit (elevation 15 deg)
+    DIR/<object>/transforms_train.json + train/r_XXX.png   16 views on an orbit (elevation 15 deg, --elevation)
     DIR/<object>/transforms_test.json  + test/r_XXX.png    8 held-out views off that orbit
     DIR/<object>/mesh.ply                                   the ground-truth mesh, world frame
 
@@ -395,7 +395,7 @@ def write_ply(mesh: bpy.types.Mesh, path: Path) -> None:
 # 4. datasets
 
 
-def render_dataset(name: str, out_dir: Path, size: int, samples: int, fov_deg: float) -> dict:
+def render_dataset(name: str, out_dir: Path, size: int, samples: int, fov_deg: float, elevation_deg: float = TRAIN_ELEVATION_DEG) -> dict:
     bpy.ops.wm.read_factory_settings(use_empty=True)
     mesh = BUILDERS[name]()
     mesh.name = name
@@ -408,7 +408,7 @@ def render_dataset(name: str, out_dir: Path, size: int, samples: int, fov_deg: f
     write_ply(mesh, out_dir / "mesh.ply")
     settings = dict(size=size, fov_deg=fov_deg, engine="CYCLES", samples=samples, lighting="NONE")
     splits = {
-        "train": orbit_views(16, TRAIN_ELEVATION_DEG),
+        "train": orbit_views(16, elevation_deg),
         "test": TEST_VIEWS,
     }
     distance = None
@@ -430,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--objects", default="suzanne,mug,rounded_box,torus_knot", help=f"comma-separated, from {','.join(BUILDERS)}")
     parser.add_argument("--samples", type=int, default=16, help="Cycles samples per pixel (anti-aliasing only: the albedo is unlit)")
     parser.add_argument("--fov", type=float, default=40.0, help="field of view in degrees")
+    parser.add_argument("--elevation", type=float, default=TRAIN_ELEVATION_DEG, help="the training orbit's elevation in degrees")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.objects.split(",") if n.strip()]
     unknown = [n for n in names if n not in BUILDERS]
@@ -438,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'object':<12} {'vertices':>9} {'triangles':>9} {'seconds':>8}")
     for name in names:
         start = time.perf_counter()
-        info = render_dataset(name, args.out / name, args.size, args.samples, args.fov)
+        info = render_dataset(name, args.out / name, args.size, args.samples, args.fov, args.elevation)
         print(f"{name:<12} {info['vertices']:>9} {info['triangles']:>9} {time.perf_counter() - start:>8.1f}", flush=True)
     return 0
 
