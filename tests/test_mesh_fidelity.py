@@ -218,7 +218,8 @@ def test_a_round_underside_keeps_the_hulls_closure():
 
 
 def test_views_all_round_the_object_cut_nothing_flat():
-    """With views below as well as above, the hull sees the underside itself: no flat cut."""
+    """With views below as well as above, the hull sees the underside itself: no flat cut; nor with
+    views from one side only."""
     from im3d.mesh.hull import _underside_cut
 
     def cut_for(elevations):
@@ -231,6 +232,14 @@ def test_views_all_round_the_object_cut_nothing_flat():
     assert cut_for((30.0, -30.0)) is None
     below = cut_for((-25.0,))  # a ring below: "down" is up
     assert below is not None and float(below[0][2]) > 0.99, below
+
+    # Views from one side only (one photo, a half-orbit): "away from the cameras" is the back.
+    cams = render_cameras((20.0,))
+    for subset in ([0], [0, 1, 2], [0, 1, 2, 3]):
+        depth = torch.full((len(subset), 4, 4), 1.7)
+        assert _underside_cut(depth, cams.viewmats[subset].float(), cams.Ks[subset].float(), np.zeros(3)) is None, subset
+    depth = torch.full((4, 4, 4), 1.7)  # four views 90° apart surround it
+    assert _underside_cut(depth, cams.viewmats[[0, 2, 4, 6]].float(), cams.Ks[[0, 2, 4, 6]].float(), np.zeros(3)) is not None
 
 
 def render_cameras(elevations, per_ring: int = 8):

@@ -25,7 +25,7 @@ the splats' density surface follows that. So the views decide first and the spla
    is inside, so from a ring of views above an object the hull hangs a cone under it that no view
    can see or carve (a quarter of the radius deep from 15° up: the mug's and the wedge's worst
    error, F 0.86 / 0.71). When the views lie to one side (their mean direction from the object
-   is not ~0) and the object stands on a base there (its sections do not narrow toward the
+   is not ~0, and they surround it: no gap over 120° around that axis) and the object stands on a base there (its sections do not narrow toward the
    lowest seen point, or its section there is most of its width), everything beyond the lowest point any view *sees* - the splats'
    rendered surface, back-projected, its 99.9th percentile - is cut flat (F 0.97 / 0.94). Under
    a round object the lowest seen point lies well above its bottom (0.3 radii under a sphere seen
@@ -169,6 +169,8 @@ ONE_SIDED_VIEWS = 0.1
 WIDE_BASE = 0.7
 STANDING_SLOPE = 0.4
 BASE_RISE = 0.05
+# The views surround the object when no two neighbours around the down axis are further apart.
+MAX_AZIMUTH_GAP = math.radians(120.0)
 # The lowest seen point is this quantile of the seen points' heights (a stray pixel cannot lower the cut much).
 LOWEST_SEEN_QUANTILE = 0.999
 
@@ -180,13 +182,23 @@ def _underside_cut(
     centre: np.ndarray,  # [3] the grid's centre
 ) -> tuple[torch.Tensor, float] | None:
     """(down [3], level): the direction away from the cameras and the furthest seen point along it;
-    None when the views are all round the object or see nothing."""
+    None when the views are all round the object, all on one side of it, or see nothing."""
     R, t = viewmats[:, :3, :3], viewmats[:, :3, 3]
     eyes = -(R.transpose(1, 2) @ t[..., None])[..., 0]  # [C, 3] camera centres
     side = torch.nn.functional.normalize(eyes - torch.as_tensor(centre, dtype=torch.float32), dim=-1).mean(0)
     if float(side.norm()) < ONE_SIDED_VIEWS:
         return None
     down = -side / side.norm()
+    # ... and only under views around the object (a ring): from one side (a single photo, a
+    # half-orbit), "away from the cameras" is the object's back, not its underside.
+    across = eyes - torch.as_tensor(centre, dtype=torch.float32)
+    across = across - (across @ down)[:, None] * down
+    e1 = torch.nn.functional.normalize(across[int(torch.argmax(across.norm(dim=-1)))], dim=0)
+    e2 = torch.linalg.cross(down, e1)
+    azimuths = torch.sort(torch.atan2(across @ e2, across @ e1)).values
+    gaps = torch.diff(torch.cat([azimuths, azimuths[:1] + 2 * math.pi]))
+    if float(gaps.max()) > MAX_AZIMUTH_GAP:
+        return None
     C, H, W = depth.shape
     v, u = torch.meshgrid(torch.arange(H, dtype=torch.float32) + 0.5, torch.arange(W, dtype=torch.float32) + 0.5, indexing="ij")
     heights = []
