@@ -25,12 +25,13 @@ the splats' density surface follows that. So the views decide first and the spla
    is inside, so from a ring of views above an object the hull hangs a cone under it that no view
    can see or carve (a quarter of the radius deep from 15° up: the mug's and the wedge's worst
    error, F 0.86 / 0.71). When the views lie to one side (their mean direction from the object
-   is not ~0, and they surround it: no gap over 120° around that axis) and the object stands on a base there (its sections do not narrow toward the
-   lowest seen point, or its section there is most of its width), everything beyond the lowest point any view *sees* - the splats'
+   is not ~0) and surround it (no gap over 120° around that direction), and the object stands on
+   a base there (its sections do not narrow toward the lowest seen point, or its section there
+   is most of its width), everything beyond the lowest point any view *sees* - the splats'
    rendered surface, back-projected, its 99.9th percentile - is cut flat (F 0.97 / 0.94). Under
    a round object the lowest seen point lies well above its bottom (0.3 radii under a sphere seen
    from 20° up and 1.7 away) and the hull's own closure is the better guess, so it stays; views
-   all round the object cut nothing.
+   all round the object, or from one side only, cut nothing.
 
 There are no inner walls. The carving depths are median-filtered (a lone deep pixel would dig a
 pit that a lit render shows as a dark speck). Both fields are evaluated coarse-to-fine (every
