@@ -77,7 +77,8 @@ def relax_folds(vertices: np.ndarray, faces: np.ndarray, fold_degrees: float = 1
 
     Decimation and smoothing leave a few such folds - spikes and fins a voxel across that a lit
     render shows as dark specks. Each round moves the vertices of folded pairs to the mean of their
-    neighbours (only those: the rest of the surface keeps its place), until none is left.
+    neighbours (only those: the rest of the surface keeps its place), until none is left or
+    `rounds` have run (a real edge sharper than 30° stays, blunted).
     """
     vertices = np.asarray(vertices, np.float64).copy()
     mesh = trimesh.Trimesh(vertices, faces, process=False)
