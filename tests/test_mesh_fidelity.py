@@ -279,8 +279,7 @@ def test_coarse_to_fine_field_matches_the_full_evaluation_where_marching_cubes_r
     hull, hull_exact = _coarse_to_fine(solid, axes, None, None, lambda f: None)
     carved, carved_exact = _coarse_to_fine(carve, axes, hull > -clamp, None, lambda f: None)
     passes = [(hull, hull_exact, solid), (carved, carved_exact, carve)]
-    combine = lambda: torch.minimum(hull, carved)  # noqa: E731
-    field = _exact_where_the_sign_changes(combine(), passes, axes, combine, None)
+    field = _exact_where_the_sign_changes(passes, axes, None)
     assert torch.equal(field > 0, full > 0)
     inside = full > 0
     for axis in range(3):

@@ -142,10 +142,7 @@ def carve_field(
         stage = "carving what the splats' depth shows empty"
         carved, carved_exact = _coarse_to_fine(depth_distance, axes, hull > -clamp, cancel, lambda f: report(0.7 + 0.3 * f, stage))  # -clamp is final under min()
         passes.append((carved, carved_exact, depth_distance))
-    field = _exact_where_the_sign_changes(
-        torch.stack([values for values, _, _ in passes]).amin(0), passes, axes,
-        lambda: torch.stack([values for values, _, _ in passes]).amin(0), cancel,
-    )  # fmt: skip
+    field = _exact_where_the_sign_changes(passes, axes, cancel)  # min over the passes
 
     # 3. The unseen underside: flat beyond the lowest seen point, away from the cameras.
     if flat_underside:
@@ -282,9 +279,8 @@ def _coarse_to_fine(
     flat = torch.arange(int(np.prod(shape))).view(shape)
     coarse_index = flat[::2, ::2, ::2]
     coarse = _values_at(evaluate, axes, coarse_index.reshape(-1), cancel, lambda f: report(0.3 * f)).view(coarse_index.shape)
-    dilate = _dilate
     inside = coarse > 0
-    unsettled = dilate(inside) & dilate(~inside)  # coarse points with a neighbour on the other side
+    unsettled = _dilate(inside) & _dilate(~inside)  # coarse points with a neighbour on the other side
     up = [torch.arange(n) // 2 for n in shape]  # fine index -> the coarse point at or before it
     field = coarse[up[0][:, None, None], up[1][None, :, None], up[2][None, None, :]]
     exact = unsettled[up[0][:, None, None], up[1][None, :, None], up[2][None, None, :]]
@@ -326,14 +322,18 @@ def _values_at(evaluate, axes: list[torch.Tensor], index: torch.Tensor, cancel, 
 
 
 def _exact_where_the_sign_changes(
-    field: torch.Tensor,  # [X, Y, Z] min() of the passes' values
     passes: list[tuple[torch.Tensor, torch.Tensor, Callable]],  # (values, exact, evaluate) per pass, values updated in place
     axes: list[torch.Tensor],
-    combine: Callable[[], torch.Tensor],  # the field from the passes' values
     cancel: Callable[[], bool] | None,
 ) -> torch.Tensor:
-    """Marching cubes reads values only at the ends of edges that cross the surface: make every
-    such point exact in every pass (a few thousand points), until no approximate one is left there."""
+    """[X, Y, Z] min over the passes' values. Marching cubes reads values only at the ends of
+    edges that cross the surface: every such point is made exact in every pass (a few thousand
+    points), until no approximate one is left there."""
+
+    def combine() -> torch.Tensor:
+        return torch.stack([values for values, _, _ in passes]).amin(0)
+
+    field = combine()
     for _ in range(16):  # each round adds the few points its own corrections moved the surface next to
         inside = field > 0
         crossing = torch.zeros_like(inside)
