@@ -50,7 +50,16 @@ def rounded_box(half=(0.42, 0.3, 0.2), radius: float = 0.07) -> trimesh.Trimesh:
     return trimesh.Trimesh(vertices, sphere.faces, process=False)
 
 
+def bowl() -> trimesh.Trimesh:
+    """A hemispherical bowl (surface of revolution): outer radius 0.5, walls 4 cm, rim at z 0.15."""
+    angles = np.linspace(0.0, np.pi / 2, 24)
+    outer = np.stack([0.5 * np.sin(angles), 0.15 - 0.5 * np.cos(angles)], axis=-1)  # bottom -> rim
+    inner = np.stack([0.46 * np.sin(angles), 0.15 - 0.46 * np.cos(angles)], axis=-1)[::-1]  # rim -> bottom
+    return trimesh.creation.revolve(np.concatenate([outer, inner]), sections=96)
+
+
 OBJECTS = {
+    "bowl": bowl,
     "sphere": lambda: trimesh.creation.icosphere(subdivisions=4, radius=0.5),
     "torus": lambda: trimesh.creation.torus(major_radius=0.35, minor_radius=0.13, major_sections=96, minor_sections=32),
     "cup": cup,
@@ -125,12 +134,17 @@ def test_fitted_splats_mesh_onto_the_true_surface(name):
 
 
 def test_fitted_cup_is_open():
-    """The fit's depth shows the cup's inside, so the hull is carved open there, walls and bottom kept."""
+    """The fit's depth shows the cup's inside, so the hull is carved open there, walls and bottom
+    kept; what no view sees of it (most of its floor, 64 cm down a 62 cm wide cup, even from 50°
+    up: the hull left a cone there, peaking 27 cm above the floor) is opened too (mesh.open_hollows),
+    down to a wall's thickness above the bottom (3 cm of the cup's 6)."""
     gt, views, splats = fitted("cup")
     result = mesh_from_splats(splats, MeshConfig(**MESH), views=views)
     # Inside the cavity: outside the mesh; inside the wall and the bottom: inside it.
-    inside = contains(result.vertices, result.faces, np.array([[0.0, 0.0, 0.05], [0.33, 0.0, 0.0], [0.0, 0.0, -0.32]]))
-    assert list(inside) == [False, True, True], inside
+    inside = contains(result.vertices, result.faces, np.array([[0.0, 0.0, 0.05], [0.0, 0.0, -0.2], [0.33, 0.0, 0.0]]))
+    assert list(inside) == [False, False, True], inside
+    bottom = contains(result.vertices, result.faces, np.array([[0.0, 0.0, z] for z in (-0.345, -0.34, -0.335, -0.33)]))
+    assert any(bottom), bottom
 
 
 def test_without_views_meshing_falls_back_to_the_splats_density():
@@ -143,10 +157,10 @@ def test_without_views_meshing_falls_back_to_the_splats_density():
     assert metrics["chamfer"] <= 0.1 and metrics["fscore"] >= 0.12, metrics  # looser (see THRESHOLDS), but the same object
 
 
-def _ideal(name: str):
+def _ideal(name: str, **rings):
     """(ground truth, views, splats lying exactly on its surface): what a perfect fit would give."""
     gt = OBJECTS[name]()
-    return gt, render_views(gt), splats_on_surface(gt, 6000, color_fn=stripes_color)
+    return gt, render_views(gt, **rings), splats_on_surface(gt, 6000, color_fn=stripes_color)
 
 
 def test_hull_carves_a_concavity_the_splats_show():
@@ -220,26 +234,25 @@ def test_a_round_underside_keeps_the_hulls_closure():
 def test_views_all_round_the_object_cut_nothing_flat():
     """With views below as well as above, the hull sees the underside itself: no flat cut; nor with
     views from one side only."""
-    from im3d.mesh.hull import _underside_cut
+    from im3d.mesh.hull import _down_direction, _lowest_seen_level
 
-    def cut_for(elevations):
-        cams = render_cameras(elevations)
-        depth = torch.full((len(cams), 4, 4), 1.7)  # every pixel sees something
-        return _underside_cut(depth, cams.viewmats.float(), cams.Ks.float(), np.zeros(3))
+    def down_for(elevations):
+        return _down_direction(render_cameras(elevations).viewmats.float(), np.zeros(3))
 
-    above = cut_for((20.0, 50.0))
-    assert above is not None and torch.allclose(above[0], torch.tensor([0.0, 0.0, -1.0]), atol=1e-4), above
-    assert cut_for((30.0, -30.0)) is None
-    below = cut_for((-25.0,))  # a ring below: "down" is up
-    assert below is not None and float(below[0][2]) > 0.99, below
+    above = down_for((20.0, 50.0))
+    assert above is not None and torch.allclose(above, torch.tensor([0.0, 0.0, -1.0]), atol=1e-4), above
+    cams = render_cameras((20.0, 50.0))
+    depth = torch.full((len(cams), 4, 4), 1.7)  # every pixel sees something
+    assert _lowest_seen_level(depth, cams.viewmats.float(), cams.Ks.float(), above) is not None
+    assert down_for((30.0, -30.0)) is None
+    below = down_for((-25.0,))  # a ring below: "down" is up
+    assert below is not None and float(below[2]) > 0.99, below
 
     # Views from one side only (one photo, a half-orbit): "away from the cameras" is the back.
     cams = render_cameras((20.0,))
     for subset in ([0], [0, 1, 2], [0, 1, 2, 3]):
-        depth = torch.full((len(subset), 4, 4), 1.7)
-        assert _underside_cut(depth, cams.viewmats[subset].float(), cams.Ks[subset].float(), np.zeros(3)) is None, subset
-    depth = torch.full((4, 4, 4), 1.7)  # four views 90° apart surround it
-    assert _underside_cut(depth, cams.viewmats[[0, 2, 4, 6]].float(), cams.Ks[[0, 2, 4, 6]].float(), np.zeros(3)) is not None
+        assert _down_direction(cams.viewmats[subset].float(), np.zeros(3)) is None, subset
+    assert _down_direction(cams.viewmats[[0, 2, 4, 6]].float(), np.zeros(3)) is not None  # four views 90° apart surround it
 
 
 def render_cameras(elevations, per_ring: int = 8):
@@ -316,3 +329,63 @@ def test_carving_depths_lose_single_pixel_pits_but_keep_slopes_and_concavities()
     assert torch.allclose(out[flat & known[0]], slope[flat & known[0]], atol=step)  # the slope, even next to unknown pixels
     assert torch.allclose(out[14:20, 14:20], maps[14:20, 14:20], atol=1e-5)  # the concavity's inside
     assert torch.equal(out[:, :2], maps[:, :2])  # unknown pixels untouched
+
+
+LOW_RING = dict(elevations=(15.0,), per_ring=16)  # a generated orbit's: 16 views 15° up
+
+
+def test_a_bowls_hidden_inside_is_opened():
+    """From one ring 15° up, no view sees a bowl's inside below the rays that graze its rim: the
+    hull keeps it filled (a dome). It is opened (mesh.open_hollows), its walls kept. (Its inner
+    floor follows the hull's closure under the round bottom, which no view sees: 6 cm low here.
+    A tall cup seen from its rim's height, 3° up, shows no inside at all: it stays closed.)"""
+    gt, views, splats = _ideal("bowl", **LOW_RING)
+    opened = mesh_from_splats(splats, MeshConfig(**MESH), views=views)
+    filled = mesh_from_splats(splats, MeshConfig(**MESH, open_hollows=False), views=views)
+    hidden, walls = [(0.0, 0.0, -0.2), (0.15, 0.1, -0.15)], [(0.48, 0.0, 0.0), (-0.34, 0.0, -0.19), (0.0, 0.4, -0.12)]
+    assert contains(opened.vertices, opened.faces, np.array(hidden + walls)) == [False] * 2 + [True] * 3
+    assert contains(filled.vertices, filled.faces, np.array(hidden)) == [True] * 2  # without it: filled, so the test can fail
+    a = geometry_metrics(opened.vertices, opened.faces, gt, samples=30_000)
+    b = geometry_metrics(filled.vertices, filled.faces, gt, samples=30_000)
+    print(f"bowl: opened F {a['fscore']:.3f} chamfer {a['chamfer']:.4f}; filled F {b['fscore']:.3f} chamfer {b['chamfer']:.4f}")
+    assert a["fscore"] > b["fscore"] + 0.1 and a["chamfer"] < b["chamfer"], (a, b)
+
+
+@pytest.mark.parametrize("name", ["sphere", "rounded_box"])
+def test_solids_are_not_hollowed(name):
+    """Their cores lie deep behind seen surfaces too, but under no hidden floor: nothing opens."""
+    gt, views, splats = _ideal(name, **LOW_RING)
+    opened = mesh_from_splats(splats, MeshConfig(**MESH), views=views)
+    filled = mesh_from_splats(splats, MeshConfig(**MESH, open_hollows=False), views=views)
+    assert np.array_equal(opened.vertices, filled.vertices) and np.array_equal(opened.faces, filled.faces)
+
+
+def test_a_torus_hole_opens_but_its_tubes_stay_solid():
+    """From 15° up a torus' hole is hidden too (the hull fills it, a dome between the tubes): it
+    opens, but only straight under that floor. The tubes' cores lie as far from any seen wall and
+    connect to the hole's fill; they stay solid."""
+    gt, views, splats = _ideal("torus", **LOW_RING)
+    opened = mesh_from_splats(splats, MeshConfig(**MESH), views=views)
+    filled = mesh_from_splats(splats, MeshConfig(**MESH, open_hollows=False), views=views)
+    hole, tubes = [(0.0, 0.0, 0.0), (0.1, 0.1, 0.0)], [(0.35, 0.0, 0.0), (-0.35, 0.0, 0.0), (0.0, 0.35, 0.0), (0.25, -0.25, 0.0)]
+    assert contains(opened.vertices, opened.faces, np.array(hole + tubes)) == [False] * 2 + [True] * 4
+    assert contains(filled.vertices, filled.faces, np.array(hole)) == [True] * 2  # the filled hole: the test can fail
+
+
+def test_a_bowl_open_to_near_its_bottom_does_not_stand_on_a_base():
+    """Seen from 30° up a bowl is carved open down to near its bottom, where the carved section (a
+    disc) is wider than the thin rings above it: sections count the holes they enclose, so its
+    round underside keeps the hull's closure; a solid cylinder does stand on its base."""
+    from im3d.mesh.hull import _stands_on_a_base
+
+    n = 64
+    axis = torch.linspace(-0.5, 0.5, n)
+    x, y, z = torch.meshgrid(axis, axis, axis, indexing="ij")
+    radius = (x**2 + y**2 + (z - 0.2) ** 2).sqrt()  # a hemispherical shell, centre z 0.2, radius 0.5
+    shell = (radius <= 0.5) & (radius >= 0.44) & (z <= 0.2)
+    lens = (radius <= 0.5) & (z <= -0.17)  # its bottom, left filled (unseen) under the opened inside
+    bowl_field = torch.where(shell | lens, 1.0, -1.0)
+    cylinder = torch.where((x**2 + y**2 <= 0.3**2) & (z.abs() <= 0.3), 1.0, -1.0)
+    down, voxel = torch.tensor([0.0, 0.0, -1.0]), float(axis[1] - axis[0])
+    assert not _stands_on_a_base(bowl_field, [axis] * 3, down, 0.2, voxel)  # cut at z -0.2
+    assert _stands_on_a_base(cylinder, [axis] * 3, down, 0.28, voxel)  # cut at z -0.28

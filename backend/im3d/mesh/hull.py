@@ -45,12 +45,15 @@ import math
 from typing import Callable
 
 import numpy as np
+import scipy.ndimage
 import torch
 
 from im3d.cameras import Cameras
 from im3d.errors import check_cancel
 from im3d.mesh.density import DensityGrid, GaussianArrays, grid_bounds
 from im3d.mesh.errors import MeshingError
+from im3d.mesh.hollows import open_hidden_hollows
+from im3d.mesh.voxels import dilate, project
 from im3d.mesh.tsdf import COVERED_ALPHA, render_depths
 
 # Grid points handled per projection batch: bounds the temporaries (~40 bytes each) on big grids.
@@ -75,6 +78,7 @@ def carve_field(
     masks: torch.Tensor,  # [C, H, W, 1] their masks in [0, 1]
     depth_margin: float,  # share of the grid's half-size a point must lie in front of the rendered surface to be carved
     flat_underside: bool = True,  # cut what no view sees beyond the lowest seen point, away from the cameras
+    open_hollows: bool = True,  # open the hidden inside of a container (mesh/hollows.py)
     cancel: Callable[[], bool] | None = None,
     progress: Callable[[float, str], None] | None = None,
 ) -> tuple[np.ndarray, DensityGrid]:
@@ -145,12 +149,19 @@ def carve_field(
     field = _exact_where_the_sign_changes(passes, axes, cancel)  # min over the passes
 
     # 3. The unseen underside: flat beyond the lowest seen point, away from the cameras.
-    if flat_underside:
-        cut = _underside_cut(depth, viewmats, Ks, origin + 0.5 * voxel * (np.asarray(shape) - 1))
-        if cut is not None and _stands_on_a_base(field, axes, *cut, voxel):
-            down, level = cut
-            height = axes[0][:, None, None] * down[0] + axes[1][None, :, None] * down[1] + axes[2][None, None, :] * down[2]
-            field = torch.minimum(field, (level - height).clamp(-clamp, clamp))
+    down = _down_direction(viewmats, origin + 0.5 * voxel * (np.asarray(shape) - 1))
+    level = _lowest_seen_level(depth, viewmats, Ks, down) if flat_underside and down is not None else None
+    # (sections on a grid of at most 128 a side: a fill per slice costs ~3 ms, and at 256³ the
+    # argsort of millions of inside points was a second)
+    stride = max(1, math.ceil(max(shape) / 128))
+    coarse = field[::stride, ::stride, ::stride]
+    if level is not None and _stands_on_a_base(coarse, [a[::stride] for a in axes], down, level, voxel * stride):
+        height = axes[0][:, None, None] * down[0] + axes[1][None, :, None] * down[1] + axes[2][None, None, :] * down[2]
+        field = torch.minimum(field, (level - height).clamp(-clamp, clamp))
+
+    # 4. Hidden hollows: a container's inside that no view sees, under a floor only the hull made.
+    if open_hollows and down is not None:
+        field = open_hidden_hollows(field, axes, voxel, viewmats, Ks, W, H, -down, clamp, cancel)
     values = field.numpy()
     return values, DensityGrid(values=values, origin=origin, voxel=voxel)
 
@@ -173,22 +184,19 @@ MAX_AZIMUTH_GAP = math.radians(120.0)
 LOWEST_SEEN_QUANTILE = 0.999
 
 
-def _underside_cut(
-    depth: torch.Tensor,  # [C, H, W] camera z of the rendered surface (inf: not covered)
+def _down_direction(
     viewmats: torch.Tensor,  # [C, 4, 4]
-    Ks: torch.Tensor,  # [C, 3, 3]
     centre: np.ndarray,  # [3] the grid's centre
-) -> tuple[torch.Tensor, float] | None:
-    """(down [3], level): the direction away from the cameras and the furthest seen point along it;
-    None when the views are all round the object, all on one side of it, or see nothing."""
+) -> torch.Tensor | None:
+    """[3] the direction away from the cameras, when they lie to one side of the object and around
+    it (a ring above it); None when they are all round it or on one side only (a single photo, a
+    half-orbit: "away from the cameras" is then the object's back, not its underside)."""
     R, t = viewmats[:, :3, :3], viewmats[:, :3, 3]
     eyes = -(R.transpose(1, 2) @ t[..., None])[..., 0]  # [C, 3] camera centres
     side = torch.nn.functional.normalize(eyes - torch.as_tensor(centre, dtype=torch.float32), dim=-1).mean(0)
     if float(side.norm()) < ONE_SIDED_VIEWS:
         return None
     down = -side / side.norm()
-    # ... and only under views around the object (a ring): from one side (a single photo, a
-    # half-orbit), "away from the cameras" is the object's back, not its underside.
     across = eyes - torch.as_tensor(centre, dtype=torch.float32)
     across = across - (across @ down)[:, None] * down
     e1 = torch.nn.functional.normalize(across[int(torch.argmax(across.norm(dim=-1)))], dim=0)
@@ -197,6 +205,17 @@ def _underside_cut(
     gaps = torch.diff(torch.cat([azimuths, azimuths[:1] + 2 * math.pi]))
     if float(gaps.max()) > MAX_AZIMUTH_GAP:
         return None
+    return down
+
+
+def _lowest_seen_level(
+    depth: torch.Tensor,  # [C, H, W] camera z of the rendered surface (inf: not covered)
+    viewmats: torch.Tensor,  # [C, 4, 4]
+    Ks: torch.Tensor,  # [C, 3, 3]
+    down: torch.Tensor,  # [3]
+) -> float | None:
+    """The furthest seen point along `down` (the splats' rendered surface back-projected); None when nothing is seen."""
+    R, t = viewmats[:, :3, :3], viewmats[:, :3, 3]
     C, H, W = depth.shape
     v, u = torch.meshgrid(torch.arange(H, dtype=torch.float32) + 0.5, torch.arange(W, dtype=torch.float32) + 0.5, indexing="ij")
     heights = []
@@ -210,7 +229,7 @@ def _underside_cut(
         heights.append(world @ down)
     if not heights:
         return None
-    return down, float(np.quantile(torch.cat(heights).numpy(), LOWEST_SEEN_QUANTILE))
+    return float(np.quantile(torch.cat(heights).numpy(), LOWEST_SEEN_QUANTILE))
 
 
 def _stands_on_a_base(
@@ -223,21 +242,53 @@ def _stands_on_a_base(
     """Whether the solid stands on a base at `level` (along `down`): its section just above the
     level is most of its widest (a box with rounded edges), or its sections do not narrow toward
     the level (a mug's wall: radius per height ~0, a wedge or a cone < 0). A sphere seen from above
-    does neither: it narrows (radius per height > 1 under a ring 15° up) to a small section."""
+    does neither: it narrows (radius per height > 1 under a ring 15° up) to a small section.
+    A section counts the holes it encloses: a bowl seen from 30° up is carved open down to near
+    its bottom, where its section, a full disc among thin rings, would otherwise be the widest."""
     inside = torch.nonzero(field > 0)
     if len(inside) == 0:
         return False
-    heights = torch.stack([axes[a][inside[:, a]] for a in range(3)], dim=-1) @ down
+    points = torch.stack([axes[a][inside[:, a]] for a in range(3)], dim=-1)
+    heights = points @ down
     low = float(heights.min())
-    slices = torch.bincount(((heights - low) / voxel).long()).float()
-    step = max(3, round(BASE_RISE * len(slices)))
+    e1 = torch.linalg.svd(torch.eye(3) - torch.outer(down, down)).U[:, 0]  # any axis across `down`
+    # Cells across in grid units (grid points sit at half-integers of the voxel in world units, where rounding splits them unevenly).
+    across = torch.round(inside.float() @ torch.stack([e1, torch.linalg.cross(down, e1)], dim=-1)).long()
+    bins = torch.round((heights - low) / voxel).long()  # grid planes: truncation split a plane between two slices
+    count = int(bins.max()) + 1
+    step = max(3, round(BASE_RISE * count))
     at_level = int((level - low) / voxel) - 1  # the slice just above the cut
-    if at_level - step < 0 or at_level >= len(slices):
+    if at_level - step < 0 or at_level >= count:
         return False
+    # The widest is found among every third slice (sections change slowly; a fill costs ~3 ms).
+    wanted = sorted(set(range(0, count, 3)) | {at_level, at_level - step})
+    slices = _filled_section_areas(bins, across - across.min(0).values, wanted)
     if float(slices[at_level]) >= WIDE_BASE * float(slices.max()):
         return True
     radius = lambda i: math.sqrt(float(slices[i]) / math.pi) * voxel  # noqa: E731 (of a disc of the same area)
     return (radius(at_level - step) - radius(at_level)) / (step * voxel) <= STANDING_SLOPE
+
+
+def _filled_section_areas(
+    bins: torch.Tensor,  # [P] each inside grid point's slice
+    across: torch.Tensor,  # [P, 2] its cell across the slices (integers from 0)
+    wanted: list[int],  # the slices to measure
+) -> torch.Tensor:
+    """[slices] float: the number of cells each wanted slice covers, holes it encloses included
+    (0 for the others)."""
+    order = torch.argsort(bins)
+    bins, across = bins[order].numpy(), across[order].numpy()
+    starts = np.searchsorted(bins, np.arange(bins.max() + 2))
+    canvas = np.zeros(tuple(across.max(0) + 1), dtype=bool)
+    areas = torch.zeros(len(starts) - 1)
+    for i in wanted:
+        cells = across[starts[i] : starts[i + 1]]
+        if len(cells) == 0:
+            continue
+        canvas[:] = False
+        canvas[cells[:, 0], cells[:, 1]] = True
+        areas[i] = float(scipy.ndimage.binary_fill_holes(canvas).sum())
+    return areas
 
 
 def _median_filter(
@@ -280,7 +331,7 @@ def _coarse_to_fine(
     coarse_index = flat[::2, ::2, ::2]
     coarse = _values_at(evaluate, axes, coarse_index.reshape(-1), cancel, lambda f: report(0.3 * f)).view(coarse_index.shape)
     inside = coarse > 0
-    unsettled = _dilate(inside) & _dilate(~inside)  # coarse points with a neighbour on the other side
+    unsettled = dilate(inside) & dilate(~inside)  # coarse points with a neighbour on the other side
     up = [torch.arange(n) // 2 for n in shape]  # fine index -> the coarse point at or before it
     field = coarse[up[0][:, None, None], up[1][None, :, None], up[2][None, None, :]]
     exact = unsettled[up[0][:, None, None], up[1][None, :, None], up[2][None, None, :]]
@@ -293,18 +344,6 @@ def _coarse_to_fine(
     if wanted is not None:
         exact |= ~wanted
     return field, exact
-
-
-def _dilate(mask: torch.Tensor) -> torch.Tensor:
-    """[X, Y, Z] bool: true where the mask or any of its 26 neighbours is (one axis at a time)."""
-    out = mask.clone()
-    for axis in range(3):
-        n = out.shape[axis]
-        grown = out.clone()
-        grown.narrow(axis, 1, n - 1).logical_or_(out.narrow(axis, 0, n - 1))
-        grown.narrow(axis, 0, n - 1).logical_or_(out.narrow(axis, 1, n - 1))
-        out = grown
-    return out
 
 
 def _values_at(evaluate, axes: list[torch.Tensor], index: torch.Tensor, cancel, report) -> torch.Tensor:
@@ -354,13 +393,6 @@ def _exact_where_the_sign_changes(
     return field
 
 
-def _project(points: torch.Tensor, viewmat: torch.Tensor, K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """World points [P, 3] -> camera z, pixel u, v, each [P] (pixel centres at +0.5)."""
-    cam = points @ viewmat[:3, :3].T + viewmat[:3, 3]
-    z = cam[:, 2]
-    return z, K[0, 0] * cam[:, 0] / z.clamp_min(1e-9) + K[0, 2], K[1, 1] * cam[:, 1] / z.clamp_min(1e-9) + K[1, 2]
-
-
 def _min_over_views(
     points: torch.Tensor,  # [P, 3] float32 world
     viewmats: torch.Tensor,  # [C, 4, 4]
@@ -375,7 +407,7 @@ def _min_over_views(
     out = torch.empty(points.shape[0], dtype=torch.float32)
     index, current = torch.arange(points.shape[0]), torch.full((points.shape[0],), clamp, dtype=torch.float32)
     for c in range(C):
-        z, u, v = _project(points, viewmats[c], Ks[c])
+        z, u, v = project(points, viewmats[c], Ks[c])
         grid = torch.stack([u * (2 / W) - 1, v * (2 / H) - 1], dim=-1)  # grid_sample's align_corners=False
         sampled = torch.nn.functional.grid_sample(
             maps[c][None, None], grid[None, None], mode="bilinear", padding_mode="border", align_corners=False
@@ -423,13 +455,13 @@ def _front_depth(
     """
     inside = field > 0
     # Only the hull's shell can be nearest to a camera: inside voxels with an outside neighbour.
-    shell = inside & _dilate(~inside)
+    shell = inside & dilate(~inside)
     occupied = torch.nonzero(shell).float() * voxel + torch.as_tensor(origin, dtype=torch.float32)
     C = viewmats.shape[0]
     out = torch.full((C, height * width), float("inf"))
     for c in range(C):
         for start in range(0, occupied.shape[0], POINTS_PER_BATCH):
-            z, u, v = _project(occupied[start : start + POINTS_PER_BATCH], viewmats[c], Ks[c])
+            z, u, v = project(occupied[start : start + POINTS_PER_BATCH], viewmats[c], Ks[c])
             u, v = torch.floor(u).long(), torch.floor(v).long()
             ok = (z > 0) & (u >= 0) & (u < width) & (v >= 0) & (v < height)
             out[c].scatter_reduce_(0, v[ok] * width + u[ok], z[ok], reduce="amin")

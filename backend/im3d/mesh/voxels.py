@@ -1,0 +1,24 @@
+"""Small voxel-grid and camera helpers shared by the hull's steps."""
+
+from __future__ import annotations
+
+import torch
+
+
+def dilate(mask: torch.Tensor) -> torch.Tensor:
+    """[X, Y, Z] bool: true where the mask or any of its 26 neighbours is (one axis at a time)."""
+    out = mask.clone()
+    for axis in range(3):
+        n = out.shape[axis]
+        grown = out.clone()
+        grown.narrow(axis, 1, n - 1).logical_or_(out.narrow(axis, 0, n - 1))
+        grown.narrow(axis, 0, n - 1).logical_or_(out.narrow(axis, 1, n - 1))
+        out = grown
+    return out
+
+
+def project(points: torch.Tensor, viewmat: torch.Tensor, K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """World points [P, 3] -> camera z, pixel u, v, each [P] (pixel centres at +0.5)."""
+    cam = points @ viewmat[:3, :3].T + viewmat[:3, 3]
+    z = cam[:, 2]
+    return z, K[0, 0] * cam[:, 0] / z.clamp_min(1e-9) + K[0, 2], K[1, 1] * cam[:, 1] / z.clamp_min(1e-9) + K[1, 2]
