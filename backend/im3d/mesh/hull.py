@@ -155,9 +155,14 @@ def carve_field(
     # argsort of millions of inside points was a second)
     stride = max(1, math.ceil(max(shape) / 128))
     coarse = field[::stride, ::stride, ::stride]
-    if level is not None and _stands_on_a_base(coarse, [a[::stride] for a in axes], down, level, voxel * stride):
+    if level is not None:
         height = axes[0][:, None, None] * down[0] + axes[1][None, :, None] * down[1] + axes[2][None, None, :] * down[2]
-        field = torch.minimum(field, (level - height).clamp(-clamp, clamp))
+        if _stands_on_a_base(coarse, [a[::stride] for a in axes], down, level, voxel * stride):
+            field = torch.minimum(field, (level - height).clamp(-clamp, clamp))
+        else:  # a round underside: closed as the sides curve in, not as the hull's cone
+            cap = _rounded_underside(coarse, stride, down, level, voxel, height)
+            if cap is not None:
+                field = torch.minimum(field, cap.clamp(-clamp, clamp))
 
     # 4. Hidden hollows: a container's inside that no view sees, under a floor only the hull made.
     if open_hollows and down is not None:
@@ -243,8 +248,10 @@ def _stands_on_a_base(
     level is most of its widest (a box with rounded edges), or its sections do not narrow toward
     the level (a mug's wall: radius per height ~0, a wedge or a cone < 0). A sphere seen from above
     does neither: it narrows (radius per height > 1 under a ring 15° up) to a small section.
-    A section counts the holes it encloses: a bowl seen from 30° up is carved open down to near
-    its bottom, where its section, a full disc among thin rings, would otherwise be the widest."""
+    Sections count the holes they enclose (a bowl seen from 30° up is carved open down to near its
+    bottom, where its section, a full disc among thin rings, would otherwise be the widest and its
+    sections would widen toward it), but the one at the level only what it covers (a torus lying
+    flat stands on a ring, not on the disc that ring encloses)."""
     inside = torch.nonzero(field > 0)
     if len(inside) == 0:
         return False
@@ -262,11 +269,76 @@ def _stands_on_a_base(
         return False
     # The widest is found among every third slice (sections change slowly; a fill costs ~3 ms).
     wanted = sorted(set(range(0, count, 3)) | {at_level, at_level - step})
-    slices = _filled_section_areas(bins, across - across.min(0).values, wanted)
-    if float(slices[at_level]) >= WIDE_BASE * float(slices.max()):
+    slices, plain = _filled_section_areas(bins, across - across.min(0).values, wanted)
+    if float(plain[at_level]) >= WIDE_BASE * float(slices.max()):  # a torus' ring is not a disc
         return True
     radius = lambda i: math.sqrt(float(slices[i]) / math.pi) * voxel  # noqa: E731 (of a disc of the same area)
     return (radius(at_level - step) - radius(at_level)) / (step * voxel) <= STANDING_SLOPE
+
+
+def _rounded_underside(
+    coarse: torch.Tensor,  # [x, y, z] the field every `stride` grid points, inside-positive
+    stride: int,
+    down: torch.Tensor,  # [3]
+    level: float,  # the lowest seen point along `down`
+    voxel: float,  # the fine grid's
+    height: torch.Tensor,  # [X, Y, Z] each fine grid point's height along `down`
+) -> torch.Tensor | None:
+    """[X, Y, Z] a field to take the min with: below `level` the object's section there, eroded
+    as the circle through it and a section a little higher says (a sphere seen down to 0.3 radii
+    above its bottom is closed 0.3 radii below); +inf above `level`. None where the sides do not
+    come in there. Eroding by a distance, not scaling, keeps a lying capsule's length and a
+    torus' hole."""
+    step_voxel = voxel * stride
+    coarse_height = height[::stride, ::stride, ::stride]
+    e1 = torch.linalg.svd(torch.eye(3) - torch.outer(down, down)).U[:, 0]  # any axis across `down`
+    across_axes = torch.stack([e1, torch.linalg.cross(down, e1)], dim=-1)  # [3, 2]
+    inside = torch.nonzero(coarse > 0)
+    if len(inside) == 0:
+        return None
+    cells = torch.round(inside.float() @ across_axes).long()
+    low = cells.min(0).values
+    cells = cells - low
+    canvas = tuple((cells.max(0).values + 1).tolist())
+    point_height = coarse_height[tuple(inside.T)]
+    rise = max(3, round(BASE_RISE * float(coarse_height.max() - coarse_height.min()) / step_voxel))
+
+    def section(top: float) -> np.ndarray:  # the inside points between `top` and one coarse step below it
+        chosen = cells[(point_height > top) & (point_height <= top + step_voxel)]
+        image = np.zeros(canvas, dtype=bool)
+        image[chosen[:, 0].numpy(), chosen[:, 1].numpy()] = True
+        return image
+
+    at_level, above = section(level - step_voxel), section(level - (rise + 1) * step_voxel)
+    if not at_level.any() or not above.any():
+        return None
+    # How fast the sides come in, from the sections' inscribed radii: of the section itself where
+    # it has a hole at the level (a torus: its ring's half-width), else of its outline (a bowl open
+    # down to near its bottom has thin rings above the full disc at the level).
+    outline = scipy.ndimage.binary_fill_holes
+    ring = outline(at_level).sum() > 1.05 * at_level.sum()
+    inscribed = lambda image: scipy.ndimage.distance_transform_edt(np.pad(image if ring else outline(image), 1)).max() * step_voxel  # noqa: E731
+    radius, radius_above = inscribed(at_level), inscribed(above)
+    inner = scipy.ndimage.distance_transform_edt(np.pad(at_level, 1))[1:-1, 1:-1]
+    if radius_above <= radius:
+        return None  # the sides do not come in
+    signed = torch.from_numpy((inner - scipy.ndimage.distance_transform_edt(~at_level)) * step_voxel).float()  # + inside
+    # The circle (in height, radius) through both sections, centred on the axis: a sphere's or a
+    # lying capsule's profile exactly; its centre lies above the level, where the sides come in.
+    h0, h1 = level - 0.5 * step_voxel, level - (rise + 0.5) * step_voxel  # the two sections' mid-heights
+    centre = 0.5 * (h0 + h1) - (radius_above**2 - radius**2) / (2 * (h0 - h1))
+    circle_squared = (h0 - centre) ** 2 + radius**2
+    below = height > level
+    left = circle_squared - (height[below] - centre) ** 2
+    erosion = radius - left.clamp(min=0).sqrt()  # all of the section once the circle closes
+    fine = torch.nonzero(below).float() / stride @ across_axes - low  # [P, 2] in canvas cells
+    grid = torch.stack([(fine[:, 1] + 0.5) / canvas[1] * 2 - 1, (fine[:, 0] + 0.5) / canvas[0] * 2 - 1], dim=-1)
+    sampled = torch.nn.functional.grid_sample(
+        signed[None, None], grid[None, None], mode="bilinear", padding_mode="border", align_corners=False
+    )[0, 0, 0]
+    cap = torch.full(height.shape, float("inf"))
+    cap[below] = torch.where(left > 0, sampled - erosion, torch.full_like(sampled, -radius - step_voxel))
+    return cap
 
 
 def _filled_section_areas(
@@ -274,13 +346,13 @@ def _filled_section_areas(
     across: torch.Tensor,  # [P, 2] its cell across the slices (integers from 0)
     wanted: list[int],  # the slices to measure
 ) -> torch.Tensor:
-    """[slices] float: the number of cells each wanted slice covers, holes it encloses included
-    (0 for the others)."""
+    """([slices], [slices]) float: the number of cells each wanted slice covers with the holes it
+    encloses, and without them (0 for the slices not wanted)."""
     order = torch.argsort(bins)
     bins, across = bins[order].numpy(), across[order].numpy()
     starts = np.searchsorted(bins, np.arange(bins.max() + 2))
     canvas = np.zeros(tuple(across.max(0) + 1), dtype=bool)
-    areas = torch.zeros(len(starts) - 1)
+    areas, plain = torch.zeros(len(starts) - 1), torch.zeros(len(starts) - 1)
     for i in wanted:
         cells = across[starts[i] : starts[i + 1]]
         if len(cells) == 0:
@@ -288,7 +360,8 @@ def _filled_section_areas(
         canvas[:] = False
         canvas[cells[:, 0], cells[:, 1]] = True
         areas[i] = float(scipy.ndimage.binary_fill_holes(canvas).sum())
-    return areas
+        plain[i] = float(canvas.sum())
+    return areas, plain
 
 
 def _median_filter(
