@@ -30,8 +30,14 @@ the splats' density surface follows that. So the views decide first and the spla
    is most of its width), everything beyond the lowest point any view *sees* - the splats'
    rendered surface, back-projected, its 99.9th percentile - is cut flat (F 0.97 / 0.94). Under
    a round object the lowest seen point lies well above its bottom (0.3 radii under a sphere seen
-   from 20° up and 1.7 away) and the hull's own closure is the better guess, so it stays; views
-   all round the object, or from one side only, cut nothing.
+   from 20° up and 1.7 away): there the section is eroded below it as the circle through it and
+   a section a little higher says (a sphere, a lying capsule: exact), which closes it near its
+   true bottom where the hull's cone hung 0.1-0.2 radii lower. Views all round the object, or
+   from one side only, leave the hull's closure.
+
+4. **Hidden hollows** (`hollows.py`): a bowl's inside below the rays that graze its rim is seen
+   by no view and stays filled; it is opened under a hidden floor that lies in a pit, to a seen
+   wall's thickness.
 
 There are no inner walls. The carving depths are median-filtered (a lone deep pixel would dig a
 pit that a lit render shows as a dark speck). Both fields are evaluated coarse-to-fine (every
@@ -77,7 +83,7 @@ def carve_field(
     cameras: Cameras,  # the fitted views
     masks: torch.Tensor,  # [C, H, W, 1] their masks in [0, 1]
     depth_margin: float,  # share of the grid's half-size a point must lie in front of the rendered surface to be carved
-    flat_underside: bool = True,  # cut what no view sees beyond the lowest seen point, away from the cameras
+    flat_underside: bool = True,  # close what no view sees beyond the lowest seen point (flat or rounded), away from the cameras
     open_hollows: bool = True,  # open the hidden inside of a container (mesh/hollows.py)
     cancel: Callable[[], bool] | None = None,
     progress: Callable[[float, str], None] | None = None,
@@ -440,30 +446,50 @@ def _exact_where_the_sign_changes(
 ) -> torch.Tensor:
     """[X, Y, Z] min over the passes' values. Marching cubes reads values only at the ends of
     edges that cross the surface: every such point is made exact in every pass (a few thousand
-    points), until no approximate one is left there."""
-
-    def combine() -> torch.Tensor:
-        return torch.stack([values for values, _, _ in passes]).amin(0)
-
-    field = combine()
+    points), until no approximate one is left there. After the first round only the edges at the
+    points just corrected can have changed (a full scan of 256³ each round cost ~1 s)."""
+    field = passes[0][0].clone()
+    exact = passes[0][1].clone()
+    for values, known, _ in passes[1:]:
+        torch.minimum(field, values, out=field)
+        exact &= known
+    shape = field.shape
+    strides = (shape[1] * shape[2], shape[2], 1)
+    todo = _edge_ends_across_the_surface(field > 0) & ~exact
     for _ in range(16):  # each round adds the few points its own corrections moved the surface next to
-        inside = field > 0
-        crossing = torch.zeros_like(inside)
-        for axis in range(3):  # both ends of every grid edge whose ends differ in sign
-            n = inside.shape[axis]
-            differs = inside.narrow(axis, 1, n - 1) != inside.narrow(axis, 0, n - 1)
-            crossing.narrow(axis, 1, n - 1).logical_or_(differs)
-            crossing.narrow(axis, 0, n - 1).logical_or_(differs)
-        todo = crossing & ~torch.stack([exact for _, exact, _ in passes]).all(0)
         if not bool(todo.any()):
             break
         index = torch.nonzero(todo.view(-1)).squeeze(-1)
-        for values, exact, evaluate in passes:
-            missing = index[~exact.view(-1)[index]]
+        for values, known, evaluate in passes:
+            missing = index[~known.view(-1)[index]]
             values.view(-1)[missing] = _values_at(evaluate, axes, missing, cancel, lambda f: None)
-            exact.view(-1)[missing] = True
-        field = combine()
+            known.view(-1)[missing] = True
+        exact.view(-1)[index] = True
+        field.view(-1)[index] = torch.stack([values.view(-1)[index] for values, _, _ in passes]).amin(0)
+        # The edges from the corrected points to their six neighbours: ends of those that cross.
+        todo = torch.zeros_like(exact)
+        coords = [index // strides[0], index // strides[1] % shape[1], index % shape[2]]
+        inside = field.view(-1)[index] > 0
+        for axis in range(3):
+            for step in (-1, 1):
+                ok = (coords[axis] + step >= 0) & (coords[axis] + step < shape[axis])
+                neighbour = index[ok] + step * strides[axis]
+                crosses = (field.view(-1)[neighbour] > 0) != inside[ok]
+                todo.view(-1)[index[ok][crosses]] = True
+                todo.view(-1)[neighbour[crosses]] = True
+        todo &= ~exact
     return field
+
+
+def _edge_ends_across_the_surface(inside: torch.Tensor) -> torch.Tensor:
+    """[X, Y, Z] bool: both ends of every grid edge whose ends differ in sign."""
+    crossing = torch.zeros_like(inside)
+    for axis in range(3):
+        n = inside.shape[axis]
+        differs = inside.narrow(axis, 1, n - 1) != inside.narrow(axis, 0, n - 1)
+        crossing.narrow(axis, 1, n - 1).logical_or_(differs)
+        crossing.narrow(axis, 0, n - 1).logical_or_(differs)
+    return crossing
 
 
 def _min_over_views(
