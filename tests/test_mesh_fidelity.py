@@ -163,6 +163,14 @@ def _ideal(name: str, **rings):
     return gt, render_views(gt, **rings), splats_on_surface(gt, 6000, color_fn=stripes_color)
 
 
+def _with_and_without(name: str, option: str, **rings):
+    """(ground truth, mesh with the defaults, mesh with `option` off) from ideal splats of `name`."""
+    gt, views, splats = _ideal(name, **rings)
+    on = mesh_from_splats(splats, MeshConfig(**MESH), views=views)
+    off = mesh_from_splats(splats, MeshConfig(**{**MESH, option: False}), views=views)
+    return gt, on, off
+
+
 def test_hull_carves_a_concavity_the_splats_show():
     """Ideal splats of the cup: their depth shows the inside, so the hull is carved open there."""
     gt, views, splats = _ideal("cup")
@@ -191,9 +199,7 @@ def test_one_wrong_mask_does_not_cut_the_object():
 def test_unseen_underside_is_closed_flat_not_hung_as_a_cone():
     """From rings of views above the cup no view sees below its bottom rim: the hull alone hangs a
     cone there; the mesh closes flat at the lowest seen point instead (mesh.flat_underside)."""
-    gt, views, splats = _ideal("cup")
-    flat = mesh_from_splats(splats, MeshConfig(**MESH), views=views)
-    cone = mesh_from_splats(splats, MeshConfig(**MESH, flat_underside=False), views=views)
+    gt, flat, cone = _with_and_without("cup", "flat_underside")
     voxel = 1.2 / MESH["grid_resolution"]  # about: the grid spans the splats (~1.0) plus a margin
     bottom = float(gt.vertices[:, 2].min())
     print(f"lowest vertex: flat {flat.vertices[:, 2].min():.3f}, cone {cone.vertices[:, 2].min():.3f}, true {bottom:.3f}")
@@ -209,9 +215,7 @@ def test_unseen_underside_is_closed_flat_not_hung_as_a_cone():
 def test_a_box_with_rounded_edges_stands_on_its_base():
     """Its sections narrow toward the bottom like a sphere's (rounded edges), but its base is most
     of its width: the unseen underside is cut flat too, not left as the hull's cone."""
-    gt, views, splats = _ideal("rounded_box")
-    flat = mesh_from_splats(splats, MeshConfig(**MESH), views=views)
-    cone = mesh_from_splats(splats, MeshConfig(**MESH, flat_underside=False), views=views)
+    gt, flat, cone = _with_and_without("rounded_box", "flat_underside")
     bottom = float(gt.vertices[:, 2].min())
     print(f"rounded box's lowest vertex: flat {flat.vertices[:, 2].min():.3f}, cone {cone.vertices[:, 2].min():.3f}, true {bottom:.3f}")
     # Measured: flat -0.173 (the rounded edge is seen only down to there from 20° up, 1.7 away),
@@ -235,9 +239,7 @@ def test_a_round_underside_closes_as_its_sides_curve_in():
     """From one ring 15° up the hull hangs a cone under a sphere (its tip 0.1 below the bottom);
     below the lowest seen point the mesh continues the sides' curve instead (a circle with their
     slope there) and closes near the true bottom."""
-    gt, views, splats = _ideal("sphere", **LOW_RING)
-    rounded = mesh_from_splats(splats, MeshConfig(**MESH), views=views)
-    cone = mesh_from_splats(splats, MeshConfig(**MESH, flat_underside=False), views=views)
+    gt, rounded, cone = _with_and_without("sphere", "flat_underside", **LOW_RING)
     bottom = float(gt.vertices[:, 2].min())
     print(f"sphere's lowest vertex: rounded {rounded.vertices[:, 2].min():.3f}, cone {cone.vertices[:, 2].min():.3f}, true {bottom:.3f}")
     # Measured: rounded -0.496, cone -0.595, true -0.5.
@@ -355,9 +357,7 @@ def test_a_bowls_hidden_inside_is_opened():
     hull keeps it filled (a dome). It is opened (mesh.open_hollows), its walls kept. (Its inner
     floor follows the hull's closure under the round bottom, which no view sees: 6 cm low here.
     A tall cup seen from its rim's height, 3° up, shows no inside at all: it stays closed.)"""
-    gt, views, splats = _ideal("bowl", **LOW_RING)
-    opened = mesh_from_splats(splats, MeshConfig(**MESH), views=views)
-    filled = mesh_from_splats(splats, MeshConfig(**MESH, open_hollows=False), views=views)
+    gt, opened, filled = _with_and_without("bowl", "open_hollows", **LOW_RING)
     hidden, walls = [(0.0, 0.0, -0.2), (0.15, 0.1, -0.15)], [(0.48, 0.0, 0.0), (-0.34, 0.0, -0.19), (0.0, 0.4, -0.12)]
     assert contains(opened.vertices, opened.faces, np.array(hidden + walls)) == [False] * 2 + [True] * 3
     assert contains(filled.vertices, filled.faces, np.array(hidden)) == [True] * 2  # without it: filled, so the test can fail
@@ -370,9 +370,7 @@ def test_a_bowls_hidden_inside_is_opened():
 @pytest.mark.parametrize("name", ["sphere", "rounded_box"])
 def test_solids_are_not_hollowed(name):
     """Their cores lie deep behind seen surfaces too, but under no hidden floor: nothing opens."""
-    gt, views, splats = _ideal(name, **LOW_RING)
-    opened = mesh_from_splats(splats, MeshConfig(**MESH), views=views)
-    filled = mesh_from_splats(splats, MeshConfig(**MESH, open_hollows=False), views=views)
+    _, opened, filled = _with_and_without(name, "open_hollows", **LOW_RING)
     assert np.array_equal(opened.vertices, filled.vertices) and np.array_equal(opened.faces, filled.faces)
 
 
@@ -380,9 +378,7 @@ def test_a_torus_hole_opens_but_its_tubes_stay_solid():
     """From 15° up a torus' hole is hidden too (the hull fills it, a dome between the tubes): it
     opens, but only straight under that floor. The tubes' cores lie as far from any seen wall and
     connect to the hole's fill; they stay solid."""
-    gt, views, splats = _ideal("torus", **LOW_RING)
-    opened = mesh_from_splats(splats, MeshConfig(**MESH), views=views)
-    filled = mesh_from_splats(splats, MeshConfig(**MESH, open_hollows=False), views=views)
+    _, opened, filled = _with_and_without("torus", "open_hollows", **LOW_RING)
     hole, tubes = [(0.0, 0.0, 0.0), (0.1, 0.1, 0.0)], [(0.35, 0.0, 0.0), (-0.35, 0.0, 0.0), (0.0, 0.35, 0.0), (0.25, -0.25, 0.0)]
     assert contains(opened.vertices, opened.faces, np.array(hole + tubes)) == [False] * 2 + [True] * 4
     assert contains(filled.vertices, filled.faces, np.array(hole)) == [True] * 2  # the filled hole: the test can fail

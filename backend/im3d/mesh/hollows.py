@@ -71,9 +71,12 @@ def open_hidden_hollows(
     opening = _opening(coarse, [a[::stride] for a in axes], voxel * stride, viewmats, Ks, width, height, up, cancel)
     if opening is None:
         return field
-    if stride > 1:  # both are smooth distances: trilinear is exact enough at the fine grid
-        opening = torch.nn.functional.interpolate(opening[None, None], scale_factor=stride, mode="trilinear", align_corners=True)[0, 0]
-        opening = opening[: field.shape[0], : field.shape[1], : field.shape[2]]
+    if stride > 1:  # a smooth distance: trilinear is exact enough on the fine grid
+        # Coarse point i is fine point i * stride; past the last one, the values are repeated.
+        spanned = tuple((n - 1) * stride + 1 for n in opening.shape)
+        opening = torch.nn.functional.interpolate(opening[None, None], size=spanned, mode="trilinear", align_corners=True)
+        pad = [p for n, m in zip(reversed(field.shape), reversed(spanned)) for p in (0, n - m)]
+        opening = torch.nn.functional.pad(opening, pad, mode="replicate")[0, 0]
     return torch.minimum(field, opening.clamp(-clamp, clamp))
 
 
