@@ -31,7 +31,7 @@ import scipy.ndimage
 import torch
 
 from im3d.errors import check_cancel
-from im3d.mesh.voxels import dilate, project
+from im3d.mesh.voxels import across, dilate, project
 
 # A surface faces a view when the cosine between its normal and the direction to the camera
 # exceeds FACING_COS (78°); the view sees it *well* when it is also nearest to that camera at its
@@ -159,10 +159,8 @@ def _under_the_floors(
 ) -> torch.Tensor:
     """[X, Y, Z] bool: grid points whose column along `up` passes through the floors' footprint
     (the floors' cells across `up`, one cell grown, holes filled)."""
-    e1 = torch.linalg.svd(torch.eye(3) - torch.outer(up, up)).U[:, 0]  # any axis across `up`
-    e2 = torch.linalg.cross(up, e1)
     grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape], indexing="ij"), dim=-1)
-    cells = torch.round(torch.stack([grid @ e1, grid @ e2], dim=-1)).long()  # [X, Y, Z, 2]
+    cells = torch.round(grid @ across(up)).long()  # [X, Y, Z, 2]
     low = cells.view(-1, 2).min(0).values
     cells = cells - low
     footprint = np.zeros(tuple((cells.view(-1, 2).max(0).values + 1).tolist()), dtype=bool)
@@ -256,9 +254,7 @@ def _in_a_pit(
     start = points + voxel * (2 * normals + rise * up)
     within, occupied = voxel_of(start)
     surrounded = within & ~occupied
-    seed = torch.tensor([1.0, 0.0, 0.0]) if abs(float(up[0])) < 0.9 else torch.tensor([0.0, 1.0, 0.0])
-    e1 = torch.nn.functional.normalize(seed - (seed @ up) * up, dim=0)
-    e2 = torch.linalg.cross(up, e1)
+    e1, e2 = across(up).T
     for k in range(8):
         direction = math.cos(k * math.pi / 4) * e1 + math.sin(k * math.pi / 4) * e2
         active = torch.nonzero(surrounded).squeeze(-1)  # still surrounded, ray not yet blocked

@@ -59,7 +59,7 @@ from im3d.errors import check_cancel
 from im3d.mesh.density import DensityGrid, GaussianArrays, grid_bounds
 from im3d.mesh.errors import MeshingError
 from im3d.mesh.hollows import open_hidden_hollows
-from im3d.mesh.voxels import dilate, project
+from im3d.mesh.voxels import across, dilate, project
 from im3d.mesh.tsdf import COVERED_ALPHA, render_depths
 
 # Grid points handled per projection batch: bounds the temporaries (~40 bytes each) on big grids.
@@ -208,11 +208,11 @@ def _down_direction(
     if float(side.norm()) < ONE_SIDED_VIEWS:
         return None
     down = -side / side.norm()
-    across = eyes - torch.as_tensor(centre, dtype=torch.float32)
-    across = across - (across @ down)[:, None] * down
-    e1 = torch.nn.functional.normalize(across[int(torch.argmax(across.norm(dim=-1)))], dim=0)
+    sideways = eyes - torch.as_tensor(centre, dtype=torch.float32)
+    sideways = sideways - (sideways @ down)[:, None] * down
+    e1 = torch.nn.functional.normalize(sideways[int(torch.argmax(sideways.norm(dim=-1)))], dim=0)
     e2 = torch.linalg.cross(down, e1)
-    azimuths = torch.sort(torch.atan2(across @ e2, across @ e1)).values
+    azimuths = torch.sort(torch.atan2(sideways @ e2, sideways @ e1)).values
     gaps = torch.diff(torch.cat([azimuths, azimuths[:1] + 2 * math.pi]))
     if float(gaps.max()) > MAX_AZIMUTH_GAP:
         return None
@@ -264,9 +264,8 @@ def _stands_on_a_base(
     points = torch.stack([axes[a][inside[:, a]] for a in range(3)], dim=-1)
     heights = points @ down
     low = float(heights.min())
-    e1 = torch.linalg.svd(torch.eye(3) - torch.outer(down, down)).U[:, 0]  # any axis across `down`
     # Cells across in grid units (grid points sit at half-integers of the voxel in world units, where rounding splits them unevenly).
-    across = torch.round(inside.float() @ torch.stack([e1, torch.linalg.cross(down, e1)], dim=-1)).long()
+    cells = torch.round(inside.float() @ across(down)).long()
     bins = torch.round((heights - low) / voxel).long()  # grid planes: truncation split a plane between two slices
     count = int(bins.max()) + 1
     step = max(3, round(BASE_RISE * count))
@@ -275,7 +274,7 @@ def _stands_on_a_base(
         return False
     # The widest is found among every third slice (sections change slowly; a fill costs ~3 ms).
     wanted = sorted(set(range(0, count, 3)) | {at_level, at_level - step})
-    slices, plain = _filled_section_areas(bins, across - across.min(0).values, wanted)
+    slices, plain = _filled_section_areas(bins, cells - cells.min(0).values, wanted)
     if float(plain[at_level]) >= WIDE_BASE * float(slices.max()):  # a torus' ring is not a disc
         return True
     radius = lambda i: math.sqrt(float(slices[i]) / math.pi) * voxel  # noqa: E731 (of a disc of the same area)
@@ -297,8 +296,7 @@ def _rounded_underside(
     torus' hole."""
     step_voxel = voxel * stride
     coarse_height = height[::stride, ::stride, ::stride]
-    e1 = torch.linalg.svd(torch.eye(3) - torch.outer(down, down)).U[:, 0]  # any axis across `down`
-    across_axes = torch.stack([e1, torch.linalg.cross(down, e1)], dim=-1)  # [3, 2]
+    across_axes = across(down)  # [3, 2]
     inside = torch.nonzero(coarse > 0)
     if len(inside) == 0:
         return None
@@ -307,7 +305,7 @@ def _rounded_underside(
     cells = cells - low
     canvas = tuple((cells.max(0).values + 1).tolist())
     point_height = coarse_height[tuple(inside.T)]
-    rise = max(3, round(BASE_RISE * float(coarse_height.max() - coarse_height.min()) / step_voxel))
+    rise = max(3, round(BASE_RISE * float(coarse_height.max() - coarse_height.min()) / step_voxel))  # a twentieth of the grid's height
 
     def section(top: float) -> np.ndarray:  # the inside points between `top` and one coarse step below it
         chosen = cells[(point_height > top) & (point_height <= top + step_voxel)]
@@ -349,22 +347,22 @@ def _rounded_underside(
 
 def _filled_section_areas(
     bins: torch.Tensor,  # [P] each inside grid point's slice
-    across: torch.Tensor,  # [P, 2] its cell across the slices (integers from 0)
+    cells: torch.Tensor,  # [P, 2] its cell across the slices (integers from 0)
     wanted: list[int],  # the slices to measure
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """([slices], [slices]) float: the number of cells each wanted slice covers with the holes it
     encloses, and without them (0 for the slices not wanted)."""
     order = torch.argsort(bins)
-    bins, across = bins[order].numpy(), across[order].numpy()
+    bins, cells = bins[order].numpy(), cells[order].numpy()
     starts = np.searchsorted(bins, np.arange(bins.max() + 2))
-    canvas = np.zeros(tuple(across.max(0) + 1), dtype=bool)
+    canvas = np.zeros(tuple(cells.max(0) + 1), dtype=bool)
     areas, plain = torch.zeros(len(starts) - 1), torch.zeros(len(starts) - 1)
     for i in wanted:
-        cells = across[starts[i] : starts[i + 1]]
-        if len(cells) == 0:
+        cut = cells[starts[i] : starts[i + 1]]
+        if len(cut) == 0:
             continue
         canvas[:] = False
-        canvas[cells[:, 0], cells[:, 1]] = True
+        canvas[cut[:, 0], cut[:, 1]] = True
         areas[i] = float(scipy.ndimage.binary_fill_holes(canvas).sum())
         plain[i] = float(canvas.sum())
     return areas, plain

@@ -22,3 +22,9 @@ def project(points: torch.Tensor, viewmat: torch.Tensor, K: torch.Tensor) -> tup
     cam = points @ viewmat[:3, :3].T + viewmat[:3, 3]
     z = cam[:, 2]
     return z, K[0, 0] * cam[:, 0] / z.clamp_min(1e-9) + K[0, 2], K[1, 1] * cam[:, 1] / z.clamp_min(1e-9) + K[1, 2]
+
+
+def across(axis: torch.Tensor) -> torch.Tensor:
+    """[3, 2] two orthonormal directions across the unit vector `axis` [3] (any pair)."""
+    first = torch.linalg.svd(torch.eye(3) - torch.outer(axis, axis)).U[:, 0]
+    return torch.stack([first, torch.linalg.cross(axis, first)], dim=-1)
