@@ -154,14 +154,19 @@ def _box(bm: bmesh.types.BMesh, lo: tuple[float, float, float], hi: tuple[float,
     bmesh.ops.create_cube(bm, size=1.0, matrix=Matrix.Translation(centre) @ Matrix.Diagonal((*size, 1.0)))
 
 
+def _four_legs(bm: bmesh.types.BMesh, xs: tuple[float, float], ys: tuple[float, float], side: float, height: float) -> None:
+    """Square legs `side` thick from the ground up to `height`, their corners at every (x, y)."""
+    for x in xs:
+        for y in ys:
+            _box(bm, (x, y, 0.0), (x + side, y + side, height))
+
+
 def build_table() -> bpy.types.Mesh:
     """Thin parts: a 1 x 0.7 top, 4 cm thick, on four 4 cm square legs 0.6 m long (touching, not overlapping)."""
 
     def build(bm):
         _box(bm, (-0.5, -0.35, 0.6), (0.5, 0.35, 0.64))
-        for x in (-0.44, 0.40):
-            for y in (-0.29, 0.25):
-                _box(bm, (x, y, 0.0), (x + 0.04, y + 0.04, 0.6))
+        _four_legs(bm, (-0.44, 0.40), (-0.29, 0.25), 0.04, 0.6)
 
     return _bmesh_to_mesh("table", build)
 
@@ -261,9 +266,7 @@ def build_chair() -> bpy.types.Mesh:
 
     def build(bm):
         _box(bm, (-0.225, -0.225, 0.42), (0.225, 0.225, 0.46))
-        for x in (-0.225, 0.19):
-            for y in (-0.225, 0.19):
-                _box(bm, (x, y, 0.0), (x + 0.035, y + 0.035, 0.42))
+        _four_legs(bm, (-0.225, 0.19), (-0.225, 0.19), 0.035, 0.42)
         _box(bm, (-0.225, 0.195, 0.46), (0.225, 0.225, 0.9))
 
     return _bmesh_to_mesh("chair", build)

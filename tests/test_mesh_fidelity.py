@@ -388,7 +388,7 @@ def test_a_bowl_open_to_near_its_bottom_does_not_stand_on_a_base():
     """Seen from 30° up a bowl is carved open down to near its bottom, where the carved section (a
     disc) is wider than the thin rings above it: sections count the holes they enclose, so its
     round underside keeps the hull's closure; a solid cylinder does stand on its base."""
-    from im3d.mesh.hull import _stands_on_a_base
+    from im3d.mesh.hull import _Sections, _stands_on_a_base
 
     n = 64
     axis = torch.linspace(-0.5, 0.5, n)
@@ -399,8 +399,8 @@ def test_a_bowl_open_to_near_its_bottom_does_not_stand_on_a_base():
     bowl_field = torch.where(shell | lens, 1.0, -1.0)
     cylinder = torch.where((x**2 + y**2 <= 0.3**2) & (z.abs() <= 0.3), 1.0, -1.0)
     down, voxel = torch.tensor([0.0, 0.0, -1.0]), float(axis[1] - axis[0])
-    assert not _stands_on_a_base(bowl_field, [axis] * 3, down, 0.2, voxel)  # cut at z -0.2
-    assert _stands_on_a_base(cylinder, [axis] * 3, down, 0.28, voxel)  # cut at z -0.28
+    assert not _stands_on_a_base(_Sections.of(bowl_field, -z, down, voxel), 0.2)  # cut at z -0.2
+    assert _stands_on_a_base(_Sections.of(cylinder, -z, down, voxel), 0.28)  # cut at z -0.28
 
 
 @pytest.mark.parametrize("shape", ["sphere", "capsule", "torus"])
@@ -408,7 +408,7 @@ def test_rounded_underside_continues_the_sides_curve(shape):
     """Field-level check of the closure under a round underside: a shape's own field above the
     lowest seen level, the hull's cone below it (no view sees there). The closure reaches the true
     bottom, a lying capsule keeps its length (the section is eroded, not scaled), a torus its hole."""
-    from im3d.mesh.hull import _rounded_underside
+    from im3d.mesh.hull import _rounded_underside, _Sections
 
     n = 96
     axis = torch.linspace(-0.6, 0.6, n)
@@ -428,7 +428,7 @@ def test_rounded_underside_continues_the_sides_curve(shape):
     cone = torch.where(z < level, columns - 0.6 * (level - z), true)
     down = torch.tensor([0.0, 0.0, -1.0])
     height = -z
-    cap = _rounded_underside(cone, 1, down, -level, voxel, height)
+    cap = _rounded_underside(_Sections.of(cone, height, down, voxel), -level, height, 1)
     assert cap is not None
     closed = torch.minimum(cone, cap)
     lowest = float(z[closed > 0].min())

@@ -47,6 +47,7 @@ reads them), five times fewer evaluations at 256³.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
@@ -161,12 +162,15 @@ def carve_field(
     # argsort of millions of inside points was a second)
     stride = max(1, math.ceil(max(shape) / 128))
     coarse = field[::stride, ::stride, ::stride]
+    sections = None
     if level is not None:
         height = axes[0][:, None, None] * down[0] + axes[1][None, :, None] * down[1] + axes[2][None, None, :] * down[2]
-        if _stands_on_a_base(coarse, [a[::stride] for a in axes], down, level, voxel * stride):
+        sections = _Sections.of(coarse, height[::stride, ::stride, ::stride], down, voxel * stride)
+    if sections is not None:
+        if _stands_on_a_base(sections, level):
             field = torch.minimum(field, (level - height).clamp(-clamp, clamp))
         else:  # a round underside: closed as the sides curve in, not as the hull's cone
-            cap = _rounded_underside(coarse, stride, down, level, voxel, height)
+            cap = _rounded_underside(sections, level, height, stride)
             if cap is not None:
                 field = torch.minimum(field, cap.clamp(-clamp, clamp))
 
@@ -243,13 +247,37 @@ def _lowest_seen_level(
     return float(np.quantile(torch.cat(heights).numpy(), LOWEST_SEEN_QUANTILE))
 
 
-def _stands_on_a_base(
-    field: torch.Tensor,  # [X, Y, Z] inside-positive
-    axes: list[torch.Tensor],  # grid coordinates per axis
-    down: torch.Tensor,  # [3]
-    level: float,
-    voxel: float,
-) -> bool:
+@dataclasses.dataclass
+class _Sections:
+    """The inside points of a field, sliced across `down`: each one's height and cell."""
+
+    heights: torch.Tensor  # [P] along `down`, world units
+    cells: torch.Tensor  # [P, 2] across `down`, in grid units, from 0
+    offset: torch.Tensor  # [2] what was taken off the cells to start them at 0
+    axes: torch.Tensor  # [3, 2] the two directions across `down`
+    voxel: float  # the grid's step
+
+    @classmethod
+    def of(cls, field: torch.Tensor, height: torch.Tensor, down: torch.Tensor, voxel: float) -> "_Sections | None":
+        """From a field [X, Y, Z] (inside-positive) and each grid point's height [X, Y, Z]; None when nothing is inside."""
+        inside = torch.nonzero(field > 0)
+        if len(inside) == 0:
+            return None
+        axes = across(down)
+        # Cells in grid units (grid points sit at half-integers of the voxel in world units, where rounding splits them unevenly).
+        cells = torch.round(inside.float() @ axes).long()
+        offset = cells.min(0).values
+        return cls(height[tuple(inside.T)], cells - offset, offset, axes, voxel)
+
+    def image(self, top: float) -> np.ndarray:
+        """[cells across] bool: the points between `top` and one step below it."""
+        chosen = self.cells[(self.heights > top) & (self.heights <= top + self.voxel)]
+        image = np.zeros(tuple((self.cells.max(0).values + 1).tolist()), dtype=bool)
+        image[chosen[:, 0].numpy(), chosen[:, 1].numpy()] = True
+        return image
+
+
+def _stands_on_a_base(sections: _Sections, level: float) -> bool:
     """Whether the solid stands on a base at `level` (along `down`): its section just above the
     level is most of its widest (a box with rounded edges), or its sections do not narrow toward
     the level (a mug's wall: radius per height ~0, a wedge or a cone < 0). A sphere seen from above
@@ -258,14 +286,8 @@ def _stands_on_a_base(
     bottom, where its section, a full disc among thin rings, would otherwise be the widest and its
     sections would widen toward it), but the one at the level only what it covers (a torus lying
     flat stands on a ring, not on the disc that ring encloses)."""
-    inside = torch.nonzero(field > 0)
-    if len(inside) == 0:
-        return False
-    points = torch.stack([axes[a][inside[:, a]] for a in range(3)], dim=-1)
-    heights = points @ down
+    voxel, heights = sections.voxel, sections.heights
     low = float(heights.min())
-    # Cells across in grid units (grid points sit at half-integers of the voxel in world units, where rounding splits them unevenly).
-    cells = torch.round(inside.float() @ across(down)).long()
     bins = torch.round((heights - low) / voxel).long()  # grid planes: truncation split a plane between two slices
     count = int(bins.max()) + 1
     step = max(3, round(BASE_RISE * count))
@@ -274,7 +296,7 @@ def _stands_on_a_base(
         return False
     # The widest is found among every third slice (sections change slowly; a fill costs ~3 ms).
     wanted = sorted(set(range(0, count, 3)) | {at_level, at_level - step})
-    slices, plain = _filled_section_areas(bins, cells - cells.min(0).values, wanted)
+    slices, plain = _filled_section_areas(bins, sections.cells, wanted)
     if float(plain[at_level]) >= WIDE_BASE * float(slices.max()):  # a torus' ring is not a disc
         return True
     radius = lambda i: math.sqrt(float(slices[i]) / math.pi) * voxel  # noqa: E731 (of a disc of the same area)
@@ -282,38 +304,20 @@ def _stands_on_a_base(
 
 
 def _rounded_underside(
-    coarse: torch.Tensor,  # [x, y, z] the field every `stride` grid points, inside-positive
-    stride: int,
-    down: torch.Tensor,  # [3]
+    sections: _Sections,  # of the field every `stride` grid points
     level: float,  # the lowest seen point along `down`
-    voxel: float,  # the fine grid's
     height: torch.Tensor,  # [X, Y, Z] each fine grid point's height along `down`
+    stride: int,
 ) -> torch.Tensor | None:
     """[X, Y, Z] a field to take the min with: below `level` the object's section there, eroded
     as the circle through it and a section a little higher says (a sphere seen down to 0.3 radii
     above its bottom is closed 0.3 radii below); +inf above `level`. None where the sides do not
     come in there. Eroding by a distance, not scaling, keeps a lying capsule's length and a
     torus' hole."""
-    step_voxel = voxel * stride
+    step_voxel = sections.voxel
     coarse_height = height[::stride, ::stride, ::stride]
-    across_axes = across(down)  # [3, 2]
-    inside = torch.nonzero(coarse > 0)
-    if len(inside) == 0:
-        return None
-    cells = torch.round(inside.float() @ across_axes).long()
-    low = cells.min(0).values
-    cells = cells - low
-    canvas = tuple((cells.max(0).values + 1).tolist())
-    point_height = coarse_height[tuple(inside.T)]
     rise = max(3, round(BASE_RISE * float(coarse_height.max() - coarse_height.min()) / step_voxel))  # a twentieth of the grid's height
-
-    def section(top: float) -> np.ndarray:  # the inside points between `top` and one coarse step below it
-        chosen = cells[(point_height > top) & (point_height <= top + step_voxel)]
-        image = np.zeros(canvas, dtype=bool)
-        image[chosen[:, 0].numpy(), chosen[:, 1].numpy()] = True
-        return image
-
-    at_level, above = section(level - step_voxel), section(level - (rise + 1) * step_voxel)
+    at_level, above = sections.image(level - step_voxel), sections.image(level - (rise + 1) * step_voxel)
     if not at_level.any() or not above.any():
         return None
     # How fast the sides come in, from the sections' inscribed radii: of the section itself where
@@ -335,7 +339,8 @@ def _rounded_underside(
     below = height > level
     left = circle_squared - (height[below] - centre) ** 2
     erosion = radius - left.clamp(min=0).sqrt()  # all of the section once the circle closes
-    fine = torch.nonzero(below).float() / stride @ across_axes - low  # [P, 2] in canvas cells
+    fine = torch.nonzero(below).float() / stride @ sections.axes - sections.offset  # [P, 2] in canvas cells
+    canvas = at_level.shape
     grid = torch.stack([(fine[:, 1] + 0.5) / canvas[1] * 2 - 1, (fine[:, 0] + 0.5) / canvas[0] * 2 - 1], dim=-1)
     sampled = torch.nn.functional.grid_sample(
         signed[None, None], grid[None, None], mode="bilinear", padding_mode="border", align_corners=False
