@@ -19,6 +19,10 @@ else default) and scores, at the held-out views:
     backend/.venv/bin/python bench/bench_mesh_fidelity.py --remesh            # re-mesh the cached fits only
     backend/.venv/bin/python bench/bench_mesh_fidelity.py --held-out          # six objects no setting was tuned on
     backend/.venv/bin/python bench/bench_mesh_fidelity.py --set mesh.method=density   # any config override
+    backend/.venv/bin/python bench/bench_mesh_fidelity.py --mesh-files ~/models/*.obj   # public models, own docs section
+
+`--mesh-files` takes meshes from files (e.g. github.com/alecjacobson/common-3d-test-models: spot,
+teapot, stanford-bunny, ...; never committed), each rendered like the built objects.
 
 Fits are cached in `--work` (splats.ply + mesh.glb per object); `--remesh` meshes the cached splats
 again with the current code and config (the views come from the dataset, as in a job).
@@ -63,12 +67,13 @@ BACKGROUND = 1.0  # white, as the fit's default recon.background
 # 1. data and fits
 
 
-def ensure_dataset(data_dir: Path, name: str, size: int, elevation: float = 15.0) -> Path:
+def ensure_dataset(data_dir: Path, name: str, size: int, elevation: float = 15.0, mesh_file: Path | None = None) -> Path:
     folder = data_dir / name
     if not (folder / "transforms_test.json").is_file() or not (folder / "mesh.ply").is_file():
         print(f"[bench] rendering {name} with Blender into {data_dir}", file=sys.stderr, flush=True)
+        source = ["--mesh-files", str(mesh_file)] if mesh_file else ["--objects", name]
         subprocess.run(
-            [sys.executable, str(ROOT / "bench" / "render_datasets.py"), "--out", str(data_dir), "--size", str(size), "--objects", name, "--elevation", str(elevation)],
+            [sys.executable, str(ROOT / "bench" / "render_datasets.py"), "--out", str(data_dir), "--size", str(size), *source, "--elevation", str(elevation)],
             check=True, stdout=subprocess.DEVNULL,
         )
     return folder
@@ -286,10 +291,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     parser.add_argument("--no-docs", action="store_true", help="print only; do not touch docs/")
     parser.add_argument("--elevation", type=float, default=15.0, help="training orbit elevation (not 15: own data and work folders, print only)")
-    parser.add_argument("--grid", type=Path, default=None, help="picture grid (default: docs/mesh_fidelity[_held_out].png)")
+    parser.add_argument("--grid", type=Path, default=None, help="picture grid (default: docs/mesh_fidelity[_held_out|_public].png)")
+    parser.add_argument("--mesh-files", nargs="+", type=Path, default=[], help="objects from mesh files (.obj/.ply/.stl), named by file (own docs section and grid)")
     args = parser.parse_args(argv)
-    names = [n for n in (args.objects or ",".join(HELD_OUT if args.held_out else OBJECTS)).split(",") if n]
-    grid = args.grid or ROOT / "docs" / ("mesh_fidelity_held_out.png" if args.held_out else "mesh_fidelity.png")
+    files = {path.stem: path.expanduser() for path in args.mesh_files}
+    names = list(files) or [n for n in (args.objects or ",".join(HELD_OUT if args.held_out else OBJECTS)).split(",") if n]
+    section = "public" if files else "held_out" if args.held_out else ""
+    grid = args.grid or ROOT / "docs" / f"mesh_fidelity{'_' + section if section else ''}.png"
+    if files:  # their own datasets and fits: a file's name may be a built object's
+        args.data, args.work = Path(f"{args.data}_public"), Path(f"{args.work}_public")
     if args.elevation != 15.0:  # another camera ring: its own datasets and fits, never the docs' tables
         suffix = f"_e{args.elevation:g}"
         args.data, args.work, args.no_docs = Path(f"{args.data}{suffix}"), Path(f"{args.work}{suffix}"), True
@@ -299,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine}; overrides: {['recon.lpips_weight=0', *args.set]}", flush=True)
     rows = {}
     for name in names:
-        folder = ensure_dataset(args.data, name, 128, args.elevation)
+        folder = ensure_dataset(args.data, name, 128, args.elevation, files.get(name))
         workdir = args.work / name
         if args.remesh and (workdir / "bench.json").is_file():
             metrics = remesh_object(folder, workdir, args.set)
@@ -321,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             f"`--preset fast`, overrides {['recon.lpips_weight=0', *args.set]}. Picture: [{grid.name}]({grid.name}) "
             "(held-out view: ground truth | splats | mesh.glb)."
         )
-        write_docs(header + "\n\n" + markdown, ROOT / "docs" / "benchmarks.md", "mesh-fidelity-held-out" if args.held_out else "mesh-fidelity")
+        write_docs(header + "\n\n" + markdown, ROOT / "docs" / "benchmarks.md", "mesh-fidelity" + ("-" + section.replace("_", "-") if section else ""))
     return 0
 
 

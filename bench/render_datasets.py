@@ -9,6 +9,12 @@ texture to reconstruct), rendered with Cycles on the CPU into a transparent film
     DIR/<object>/mesh.ply                                   the ground-truth mesh, world frame
 
     python bench/render_datasets.py --out /tmp/gt --size 128 --objects suzanne,mug,rounded_box,torus_knot
+    python bench/render_datasets.py --out /tmp/gt --mesh-files ~/models/spot.obj,~/models/teapot.obj
+
+`--mesh-files` renders meshes from files instead (OBJ, PLY, STL; Y-up as such files usually are,
+turned Z-up on import), each named after its file, with a procedural albedo chosen by that name:
+public test models, e.g. github.com/alecjacobson/common-3d-test-models, are objects no setting
+was tuned on.
 
 The repository ships `backend/im3d/data/suzanne/` (the demo dataset) made by `--out backend/im3d/data --size 128 --objects suzanne`.
 """
@@ -303,6 +309,31 @@ BUILDERS: dict[str, Callable[[], bpy.types.Mesh]] = {
 }
 
 
+def build_from_file(path: Path) -> bpy.types.Mesh:
+    """A mesh file's triangles joined into one mesh (Y-up files turned Z-up by the importers)."""
+    importers = {".obj": bpy.ops.wm.obj_import, ".ply": bpy.ops.wm.ply_import, ".stl": bpy.ops.wm.stl_import}
+    if path.suffix.lower() not in importers:
+        raise SystemExit(f"cannot read {path}: use an .obj, .ply or .stl file")
+    if not path.is_file():
+        raise SystemExit(f"no mesh file at {path}")
+    importers[path.suffix.lower()](filepath=str(path), forward_axis="NEGATIVE_Z", up_axis="Y")
+    parts = [obj for obj in bpy.context.scene.objects if obj.type == "MESH"]
+    if not parts:
+        raise SystemExit(f"{path} holds no mesh")
+    bm = bmesh.new()
+    for obj in parts:  # the importers may split a file into objects; the ground truth is their union
+        part = obj.data.copy()
+        part.transform(obj.matrix_world)
+        bm.from_mesh(part)
+        bpy.data.meshes.remove(part)
+    for obj in parts:
+        bpy.data.objects.remove(obj)
+    mesh = bpy.data.meshes.new(path.stem)
+    bm.to_mesh(mesh)
+    bm.free()
+    return mesh
+
+
 def normalise(mesh: bpy.types.Mesh, size: float = 1.0) -> None:
     """Centre the mesh's bounding box on the origin and scale its largest side to `size` metres."""
     xs, ys, zs = ([v.co[i] for v in mesh.vertices] for i in range(3))
@@ -398,12 +429,17 @@ def write_ply(mesh: bpy.types.Mesh, path: Path) -> None:
 # 4. datasets
 
 
-def render_dataset(name: str, out_dir: Path, size: int, samples: int, fov_deg: float, elevation_deg: float = TRAIN_ELEVATION_DEG) -> dict:
+def render_dataset(
+    name: str, out_dir: Path, size: int, samples: int, fov_deg: float, elevation_deg: float = TRAIN_ELEVATION_DEG, mesh_file: Path | None = None,
+) -> dict:
     bpy.ops.wm.read_factory_settings(use_empty=True)
-    mesh = BUILDERS[name]()
+    mesh = build_from_file(mesh_file) if mesh_file else BUILDERS[name]()
     mesh.name = name
     normalise(mesh)
-    mesh.materials.append(albedo_material(f"{name} albedo", PATTERNS[name]))
+    mesh.materials.clear()  # a file's own materials: one procedural albedo instead, as for the built objects
+    mesh.polygons.foreach_set("material_index", [0] * len(mesh.polygons))
+    pattern = PATTERNS.get(name, ("noise", "checker", "wave", "gradient")[sum(map(ord, name)) % 4])
+    mesh.materials.append(albedo_material(f"{name} albedo", pattern))
     obj = bpy.data.objects.new(name, mesh)
     bpy.context.scene.collection.objects.link(obj)
 
@@ -434,15 +470,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=16, help="Cycles samples per pixel (anti-aliasing only: the albedo is unlit)")
     parser.add_argument("--fov", type=float, default=40.0, help="field of view in degrees")
     parser.add_argument("--elevation", type=float, default=TRAIN_ELEVATION_DEG, help="the training orbit's elevation in degrees")
+    parser.add_argument("--mesh-files", default="", help="comma-separated mesh files (.obj/.ply/.stl) to render instead of --objects")
     args = parser.parse_args(argv)
-    names = [n.strip() for n in args.objects.split(",") if n.strip()]
-    unknown = [n for n in names if n not in BUILDERS]
+    files = {Path(f).expanduser().stem: Path(f).expanduser() for f in args.mesh_files.split(",") if f.strip()}
+    names = list(files) or [n.strip() for n in args.objects.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BUILDERS and n not in files]
     if unknown:
         parser.error(f"unknown object(s) {', '.join(unknown)}; choose from {', '.join(BUILDERS)}")
     print(f"{'object':<12} {'vertices':>9} {'triangles':>9} {'seconds':>8}")
     for name in names:
         start = time.perf_counter()
-        info = render_dataset(name, args.out / name, args.size, args.samples, args.fov, args.elevation)
+        info = render_dataset(name, args.out / name, args.size, args.samples, args.fov, args.elevation, files.get(name))
         print(f"{name:<12} {info['vertices']:>9} {info['triangles']:>9} {time.perf_counter() - start:>8.1f}", flush=True)
     return 0
 
