@@ -102,7 +102,7 @@ class MeshConfig:
     fill_cavities: bool = True  # fill closed interior voids so a sheet of splats gives one outer surface
     snap_to_splats: bool = False  # method "density" only: move vertices inward onto the density ridge
     method: Literal["hull", "tsdf", "density"] = "hull"  # hull: the views' silhouettes + depth carving; density: splat density iso-level; tsdf: fused rendered splat depth (docs/benchmarks.md)
-    depth_margin: float = 0.15  # hull: depth carves only space this far (share of the object's half-size) in front of the splats' rendered surface
+    depth_margin: float = 0.05  # hull: depth carves only space this far (share of the object's half-size) in front of the splats' rendered surface where it faces the view; up to 3x where slanted
     flat_underside: bool = True  # hull: what no view sees beyond the lowest seen point (under an orbit from above) is closed - flat under a standing base, as the sides curve in under a round one - not left as the hull's cone
     open_hollows: bool = True  # hull: a container's inside that no view sees (under an orbit from above) is opened, not left filled
     extra_views: int = 32  # tsdf only: views around the object whose rendered depth is fused besides the fitted views

@@ -14,12 +14,17 @@ the splats' density surface follows that. So the views decide first and the spla
    at the point's depth), so marching cubes places the surface to a fraction of a pixel and thin
    parts seen in the views (4 cm legs) stay.
 2. **Depth carving** where the splats' rendering shows space the hull cannot see (the inside of
-   a bowl or a cup, a torus' hole): a point more than `depth_margin` in front of the splats'
-   median depth, at a pixel the splats cover, is outside; the margin keeps the fit's depth error
-   from eating convex surfaces. Where the rendered surface lies more than twice the margin behind
-   the hull's own front, it is a real concavity, not a recessed fit, and is carved all the way
-   down to it (so a cup's floor is not raised by the margin). Where the rendering is faint,
-   depth says nothing.
+   a bowl or a cup, a torus' hole, the hollow of a cow's belly): a point more than a margin in
+   front of the splats' median depth, at a pixel the splats cover, is outside; the margin keeps
+   the fit's depth error from eating convex surfaces. It is `depth_margin` where the surface
+   faces the view and grows as 1/cos of its slant, up to three times that (70°): the fit's depth
+   errs toward the camera where the surface is slanted to the view (2nd percentile of rendered
+   minus true depth, facing -> 70°: cow -0.002 -> -0.045 r, rocker arm -0.06 -> -0.15 r), and a
+   fixed margin either keeps 0.15 of the half-size of hull in every shallow hollow (a cow's
+   belly, a bunny's flank) or eats slanted surfaces. Where the rendered surface lies more than
+   twice the largest margin behind the hull's own front, it is a real concavity, not a recessed
+   fit, and is carved all the way down to it (so a cup's floor is not raised by the margin).
+   Where the rendering is faint, depth says nothing.
 
 3. **The unseen underside.** A point inside every mask and behind every view's rendered surface
    is inside, so from a ring of views above an object the hull hangs a cone under it that no view
@@ -75,6 +80,9 @@ OPAQUE_SPLATS = 0.45
 MEDIAN_PIXELS = 5
 # Views are carved at no more than this many pixels across per grid sample across.
 MAX_PIXELS_PER_VOXEL = 1.0
+# The depth margin grows as 1/cos of the surface's slant to the view, up to this factor (70°).
+# A cap of 2 and fixed margins (0.08, the old 0.15) were measured and not kept (docs/benchmarks.md).
+SLANT_MARGIN_FACTOR = 3.0
 
 
 def carve_field(
@@ -83,7 +91,7 @@ def carve_field(
     resolution: int,
     cameras: Cameras,  # the fitted views
     masks: torch.Tensor,  # [C, H, W, 1] their masks in [0, 1]
-    depth_margin: float,  # share of the grid's half-size a point must lie in front of the rendered surface to be carved
+    depth_margin: float,  # share of the grid's half-size a point must lie in front of a rendered surface that faces the view to be carved
     flat_underside: bool = True,  # close what no view sees beyond the lowest seen point (flat or rounded), away from the cameras
     open_hollows: bool = True,  # open the hidden inside of a container (mesh/hollows.py)
     cancel: Callable[[], bool] | None = None,
@@ -131,13 +139,14 @@ def carve_field(
     hull, hull_exact = _coarse_to_fine(silhouette_distance, axes, None, cancel, lambda f: report(0.4 + 0.3 * f, "visual hull of the views"))
     passes = [(hull, hull_exact, silhouette_distance)]
 
-    # 2. Depth carving: space more than the margin in front of the splats' rendered surface. Where
-    #    that surface lies far behind the hull's own front (more than twice the margin: the inside
-    #    of a cup, not a fit's recessed depth), it is a concavity and is carved all the way to it.
+    # 2. Depth carving: space more than the margin in front of the splats' rendered surface (more
+    #    where it is slanted to the view). Where that surface lies far behind the hull's own front
+    #    (more than twice the largest margin: the inside of a cup, not a fit's recessed depth), it
+    #    is a concavity and is carved all the way to it.
     margin = depth_margin * 0.5 * voxel * (max(shape) - 1)
     front = _front_depth(hull, origin, voxel, viewmats, Ks, W, H)  # [C, H, W]
-    concave = torch.isfinite(depth) & (depth - front > 2 * margin)
-    carve_to = torch.where(concave, depth - voxel, depth - margin)
+    concave = torch.isfinite(depth) & (depth - front > 2 * SLANT_MARGIN_FACTOR * margin)
+    carve_to = torch.where(concave, depth - voxel, depth - _slant_margin(depth, Ks, margin))
     # Each pixel carves to the median of its 5x5 neighbourhood (neighbours without depth count as
     # the pixel itself): one pixel the splats leave deep (a gap between Gaussians) would dig a pit
     # a pixel wide (the pits and scratches of a lit render), while on a slanted surface the median
@@ -371,6 +380,30 @@ def _filled_section_areas(
         areas[i] = float(scipy.ndimage.binary_fill_holes(canvas).sum())
         plain[i] = float(canvas.sum())
     return areas, plain
+
+
+def _slant_margin(
+    depth: torch.Tensor,  # [C, H, W] camera z of the rendered surface, inf where none
+    Ks: torch.Tensor,  # [C, 3, 3]
+    margin: float,  # world units, where the surface faces the view
+) -> torch.Tensor:
+    """[C, H, W] carving margin: `margin` / cos(slant), at most SLANT_MARGIN_FACTOR * `margin`.
+
+    The slant comes from the depth map's central differences (depth change per lateral world
+    unit: pixels times z / f); a pixel without all four neighbours is an outline or a depth
+    edge and takes the largest margin.
+    """
+    known = torch.isfinite(depth)
+    padded = torch.nn.functional.pad(torch.where(known, depth, torch.zeros_like(depth))[:, None], (1, 1, 1, 1))[:, 0]
+    padded_known = torch.nn.functional.pad(known[:, None].float(), (1, 1, 1, 1))[:, 0] > 0
+    dx = (padded[:, 1:-1, 2:] - padded[:, 1:-1, :-2]) / 2
+    dy = (padded[:, 2:, 1:-1] - padded[:, :-2, 1:-1]) / 2
+    neighbours = padded_known[:, 1:-1, 2:] & padded_known[:, 1:-1, :-2] & padded_known[:, 2:, 1:-1] & padded_known[:, :-2, 1:-1]
+    focal = Ks[:, 0, 0, None, None].float()
+    slope = torch.sqrt(dx**2 + dy**2) * focal / torch.where(known, depth, torch.ones_like(depth))
+    widened = margin * torch.sqrt(1 + slope**2)  # margin / cos(slant)
+    largest = SLANT_MARGIN_FACTOR * margin
+    return torch.where(known & neighbours, widened.clamp(max=largest), torch.full_like(depth, largest))
 
 
 def _median_filter(
