@@ -464,7 +464,7 @@ def box_with_a_pocket(depth: float = 0.06) -> trimesh.Trimesh:
 
 
 def test_carving_margin_grows_with_the_slant():
-    """The fit's depth errs toward the camera where the surface is slanted to the view, so the
+    """The fit's depth lies further behind the surface where it is slanted to the view, so the
     carving margin is the configured one on a surface facing the view and grows as 1/cos of its
     slant, up to three times (70°); outlines (pixels missing a neighbour) take the largest."""
     from im3d.mesh.hull import SLANT_MARGIN_FACTOR, _slant_margin
