@@ -22,10 +22,10 @@ the splats' density surface follows that. So the views decide first and the spla
    percentile of rendered minus true depth, facing -> 70° and more: cow 0.06 -> 0.11 r, bunny
    0.05 -> 0.10 r, a fitted sphere 0.10 -> 0.21 r), and a fixed margin either keeps 0.15 of the
    half-size of hull in every shallow hollow (a cow's belly, a bunny's flank) or eats slanted
-   surfaces. Where the rendered surface lies more than
-   twice the largest margin behind the hull's own front, it is a real concavity, not a recessed
-   fit, and is carved all the way down to it (so a cup's floor is not raised by the margin).
-   Where the rendering is faint, depth says nothing.
+   surfaces. Where the rendered surface lies more than twice the largest margin behind the
+   hull's own front, it is a real concavity, not a recessed fit, and is carved all the way down
+   to it (so a cup's floor is not raised by the margin). Where the rendering is faint, depth
+   says nothing.
 
 3. **The unseen underside.** A point inside every mask and behind every view's rendered surface
    is inside, so from a ring of views above an object the hull hangs a cone under it that no view
