@@ -180,8 +180,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "lpips_net": "alex",
             "views_per_step": 4,
         },
-        # grid 192, not 128: mesh − splats at held-out views −0.7 → −0.4 dB median, worst −5.2 → −3.2 (docs/benchmarks.md)
-        "mesh": {"grid_resolution": 192, "face_budget": 20_000, "texture_size": 512},
+        # grid 128: 192 gained 0.3 dB unlit but resolved the fit's depth noise as pits a lit render shows (docs/benchmarks.md)
+        "mesh": {"grid_resolution": 128, "face_budget": 20_000, "texture_size": 512},
         "pipeline": {"refinement_rounds": 1},
     },
     "standard": {},
