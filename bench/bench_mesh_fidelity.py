@@ -296,8 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     files = {path.stem: path.expanduser() for path in args.mesh_files}
     names = list(files) or [n for n in (args.objects or ",".join(HELD_OUT if args.held_out else OBJECTS)).split(",") if n]
-    section = "public" if files else "held_out" if args.held_out else ""
-    grid = args.grid or ROOT / "docs" / f"mesh_fidelity{'_' + section if section else ''}.png"
+    suffix = "_public" if files else "_held_out" if args.held_out else ""  # of the docs section and its picture
+    grid = args.grid or ROOT / "docs" / f"mesh_fidelity{suffix}.png"
     if files:  # their own datasets and fits: a file's name may be a built object's
         args.data, args.work = Path(f"{args.data}_public"), Path(f"{args.work}_public")
     if args.elevation != 15.0:  # another camera ring: its own datasets and fits, never the docs' tables
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             f"`--preset fast`, overrides {['recon.lpips_weight=0', *args.set]}. Picture: [{grid.name}]({grid.name}) "
             "(held-out view: ground truth | splats | mesh.glb)."
         )
-        write_docs(header + "\n\n" + markdown, ROOT / "docs" / "benchmarks.md", "mesh-fidelity" + ("-" + section.replace("_", "-") if section else ""))
+        write_docs(header + "\n\n" + markdown, ROOT / "docs" / "benchmarks.md", "mesh-fidelity" + suffix.replace("_", "-"))
     return 0
 
 

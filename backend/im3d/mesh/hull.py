@@ -171,11 +171,10 @@ def carve_field(
     # (sections on a grid of at most 128 a side: a fill per slice costs ~3 ms, and at 256³ the
     # argsort of millions of inside points was a second)
     stride = max(1, math.ceil(max(shape) / 128))
-    coarse = field[::stride, ::stride, ::stride]
     sections = None
     if level is not None:
         height = axes[0][:, None, None] * down[0] + axes[1][None, :, None] * down[1] + axes[2][None, None, :] * down[2]
-        sections = _Sections.of(coarse, height[::stride, ::stride, ::stride], down, voxel * stride)
+        sections = _Sections.of(field[::stride, ::stride, ::stride], height[::stride, ::stride, ::stride], down, voxel * stride)
     if sections is not None:
         if _stands_on_a_base(sections, level):
             field = torch.minimum(field, (level - height).clamp(-clamp, clamp))
