@@ -219,12 +219,13 @@ def test_a_box_with_rounded_edges_stands_on_its_base():
     gt, flat, cone = _with_and_without("rounded_box", "flat_underside")
     bottom = float(gt.vertices[:, 2].min())
     print(f"rounded box's lowest vertex: flat {flat.vertices[:, 2].min():.3f}, cone {cone.vertices[:, 2].min():.3f}, true {bottom:.3f}")
-    # Measured: flat -0.173 (the rounded edge is seen only down to there from 20° up, 1.7 away),
-    # cone -0.276, true -0.200.
+    # Measured: flat -0.177 (the rounded edge is seen only down to there from 20° up, 1.7 away),
+    # cone -0.277, true -0.200; Chamfer 0.025 / 0.034, F 0.501 / 0.522 (with the outlines fitted
+    # to the views both gained: F 0.232 / 0.201 before, so F no longer tells the two apart).
     assert abs(float(flat.vertices[:, 2].min()) - bottom) <= 0.035 and bottom - float(cone.vertices[:, 2].min()) > 0.06
     a = geometry_metrics(flat.vertices, flat.faces, gt, samples=30_000)
     b = geometry_metrics(cone.vertices, cone.faces, gt, samples=30_000)
-    assert a["fscore"] > b["fscore"] and a["chamfer"] < b["chamfer"], (a, b)
+    assert a["chamfer"] < 0.85 * b["chamfer"] and a["fscore"] > b["fscore"] - 0.05, (a, b)
 
 
 def test_a_round_underside_is_not_cut_flat():
@@ -359,7 +360,8 @@ def test_a_bowls_hidden_inside_is_opened():
     floor follows the hull's closure under the round bottom, which no view sees: 6 cm low here.
     A tall cup seen from its rim's height, 3° up, shows no inside at all: it stays closed.)"""
     gt, opened, filled = _with_and_without("bowl", "open_hollows", **LOW_RING)
-    hidden, walls = [(0.0, 0.0, -0.2), (0.15, 0.1, -0.15)], [(0.48, 0.0, 0.0), (-0.34, 0.0, -0.19), (0.0, 0.4, -0.12)]
+    # The walls' points lie mid-wall (at z 0 the wall spans r 0.435-0.477).
+    hidden, walls = [(0.0, 0.0, -0.2), (0.15, 0.1, -0.15)], [(0.456, 0.0, 0.0), (-0.34, 0.0, -0.19), (0.0, 0.4, -0.12)]
     assert contains(opened.vertices, opened.faces, np.array(hidden + walls)) == [False] * 2 + [True] * 3
     assert contains(filled.vertices, filled.faces, np.array(hidden)) == [True] * 2  # without it: filled, so the test can fail
     a = geometry_metrics(opened.vertices, opened.faces, gt, samples=30_000)

@@ -105,6 +105,7 @@ class MeshConfig:
     depth_margin: float = 0.05  # hull: depth carves only space this far (share of the object's half-size) in front of the splats' rendered surface where it faces the view; up to 3x where slanted
     flat_underside: bool = True  # hull: what no view sees beyond the lowest seen point (under an orbit from above) is closed - flat under a standing base, as the sides curve in under a round one - not left as the hull's cone
     open_hollows: bool = True  # hull: a container's inside that no view sees (under an orbit from above) is opened, not left filled
+    fit_outlines: bool = True  # hull: the mesh's outline at each fitted view is moved onto the view's silhouette edge (sub-pixel; marching cubes leaves it inside)
     extra_views: int = 32  # tsdf only: views around the object whose rendered depth is fused besides the fitted views
     truncation_voxels: float = 2.0  # tsdf: signed distances are clamped to this many voxels
     carve_with_masks: bool = True  # tsdf: voxels outside any fitted view's mask are empty (space carving)

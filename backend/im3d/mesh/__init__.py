@@ -10,7 +10,7 @@ Stages (each reports progress and checks `cancel()`):
                shows space (hull.py); without views it falls back to "density": Gaussian density
                (density.py); "tsdf": splat depth fused into a TSDF (tsdf.py)
   2. surface   marching cubes (PyMCubes) on that field, outward normals (surface.py)
-  3. cleanup   drop floaters, Taubin smoothing, decimate to the face budget, (density only: snap), unfold folds
+  3. cleanup   drop floaters, (hull) outlines moved onto the views' silhouettes (outlines.py), Taubin smoothing, decimate to the face budget, (density only: snap), unfold folds
   4. texture   UV atlas (facing charts packed by xatlas), albedo back-projected from the views
                (bake_views.py), the splats' colours where no view sees the surface
 """
@@ -43,6 +43,7 @@ from im3d.mesh.cleanup import (
 from im3d.mesh.density import GaussianArrays, quats_to_rotations
 from im3d.mesh.errors import MeshingError
 from im3d.mesh.gltf import write_glb
+from im3d.mesh.outlines import fit_outlines
 from im3d.mesh.surface import extract_surface
 from im3d.mesh.texture import bake_albedo, splat_colors_at, unwrap
 
@@ -175,7 +176,7 @@ def mesh_from_splats(
     gaussians = splats_to_gaussians(splats)
     if cfg.method == "hull" and (getattr(views, "cameras", None) is None or getattr(views, "masks", None) is None):
         cfg = dataclasses.replace(cfg, method="density")  # splats alone (`im3d mesh`): no silhouettes to carve
-    vertices, faces, grid, iso = extract_surface(
+    vertices, faces, grid, iso, silhouettes = extract_surface(
         splats, gaussians, cfg, views, lambda f, m: report_progress(0.45 * f, m), cancel, lap
     )
 
@@ -190,6 +191,10 @@ def mesh_from_splats(
             f"a face budget of {cfg.face_budget} cannot hold {components} closed components "
             f"(at least {4 * components} faces); raise mesh.face_budget or mesh.min_component_fraction",
         )
+    if cfg.fit_outlines and silhouettes is not None:
+        report_progress(0.45, "meshing: fitting the outlines to the views")
+        vertices = fit_outlines(vertices, faces, silhouettes.cameras, silhouettes.silhouettes, cancel)
+        lap("outlines")
     # Smoothed on marching cubes' regular triangles, before decimation: smoothing the decimated
     # mesh's long thin triangles folds them (dark specks in Blender).
     vertices = taubin_smooth(vertices, faces, cfg.smooth_iterations, cancel)

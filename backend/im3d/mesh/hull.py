@@ -1,7 +1,8 @@
 """Surface from what the views and the splats' renders agree on: silhouettes, then depth carving.
 
-    field, grid = carve_field(splats, gaussians, resolution, cameras, masks, depth_margin)  # inside > 0
+    field, grid, used = carve_field(splats, gaussians, resolution, cameras, masks, depth_margin)  # inside > 0
     vertices_ijk, faces = mcubes.marching_cubes(field, 0.0)
+    # then outlines.fit_outlines(vertices, faces, used.cameras, used.silhouettes): sub-pixel outlines
 
 Measured on fitted splats (bench/bench_mesh_fidelity.py, docs/benchmarks.md), the silhouettes are
 what a fit gets right (mask IoU 0.98-0.995 at held-out views) while its depth is not: at 128² and a
@@ -97,8 +98,9 @@ def carve_field(
     open_hollows: bool = True,  # open the hidden inside of a container (mesh/hollows.py)
     cancel: Callable[[], bool] | None = None,
     progress: Callable[[float, str], None] | None = None,
-) -> tuple[np.ndarray, DensityGrid]:
-    """Inside-positive field (world units, clamped) on a grid around the splats, iso-level 0.
+) -> tuple[np.ndarray, DensityGrid, "Silhouettes"]:
+    """Inside-positive field (world units, clamped) on a grid around the splats, iso-level 0, and
+    the silhouettes it was cut from (at the size it used), for `outlines.fit_outlines`.
 
     Only the fitted views carve: views from elsewhere (below an orbit, say) see splats nothing
     constrained and carved holes through measured objects (docs/benchmarks.md).
@@ -187,7 +189,13 @@ def carve_field(
     if open_hollows and down is not None:
         field = open_hidden_hollows(field, axes, voxel, viewmats, Ks, W, H, -down, clamp, cancel)
     values = field.numpy()
-    return values, DensityGrid(values=values, origin=origin, voxel=voxel)
+    return values, DensityGrid(values=values, origin=origin, voxel=voxel), Silhouettes(cameras, silhouette)
+
+
+@dataclasses.dataclass
+class Silhouettes:
+    cameras: Cameras  # the fitted views, at the silhouettes' size
+    silhouettes: torch.Tensor  # [C, H, W] the mask or the splats' near-opaque coverage, edge at 1/2
 
 
 # The views lie to one side of the object when their mean unit direction from it is at least this

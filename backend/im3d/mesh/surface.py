@@ -51,8 +51,9 @@ def extract_surface(
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
     lap: Callable[[str], None] | None = None,
-) -> tuple[np.ndarray, np.ndarray, DensityGrid, float]:
-    """vertices [V, 3] (world), faces [F, 3] (outward), the field's grid and the iso-level used.
+) -> tuple[np.ndarray, np.ndarray, DensityGrid, float, object]:
+    """vertices [V, 3] (world), faces [F, 3] (outward), the field's grid, the iso-level used and,
+    for the hull, the silhouettes it was cut from (`hull.Silhouettes`; None otherwise).
 
     `progress` fractions run 0..1 over these two stages.
     """
@@ -61,11 +62,12 @@ def extract_surface(
     cameras = getattr(views, "cameras", None) if views is not None else None
     masks = getattr(views, "masks", None) if views is not None else None
     field_progress = lambda f, m: report(0.8 * f, f"meshing: {m}")  # noqa: E731
+    silhouettes = None
     if cfg.method in ("hull", "tsdf"):  # view-based fields: inside > 0, iso-level 0
         if cfg.method == "hull":
             from im3d.mesh.hull import carve_field
 
-            values, grid = carve_field(
+            values, grid, silhouettes = carve_field(
                 splats, gaussians, cfg.grid_resolution, cameras, masks, cfg.depth_margin, cfg.flat_underside, cfg.open_hollows, cancel=cancel, progress=field_progress
             )  # fmt: skip
             empty = "no point is inside every view's mask: nothing to mesh"
@@ -113,4 +115,4 @@ def extract_surface(
     faces = drop_degenerate(faces.astype(np.int64))
     lap("marching_cubes")
     report(1.0, "meshing: surface extracted")
-    return vertices, faces, grid, float(iso)
+    return vertices, faces, grid, float(iso), silhouettes
