@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = [run_once(bpy, runtime, original, json.loads(json.dumps(overrides))) for _ in range(2)]
     finally:
         local.stop_backend()
-    print(f"| run | measured speeds | job total | worst ETA error after the first quarter |")
-    print(f"|---|---|---|---|")
+    print("| run | measured speeds | job total | worst ETA error after the first quarter |")
+    print("|---|---|---|---|")
     for index, run in enumerate(runs):
         worst = run["worst_error_after_quarter"]
         print(f"| {index + 1} | {'none' if index == 0 else 'from run 1'} | {run['total_s']:.0f} s | {'-' if worst is None else f'{worst:.0%}'} |")

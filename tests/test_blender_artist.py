@@ -30,7 +30,7 @@ import pytest
 
 from blender_session import import_bpy
 from im3d.testing.fake_http import JsonHandler
-from test_blender_addon import PACKAGE, free_port, fresh_scene, install_extension
+from test_blender_addon import PACKAGE, fresh_scene, install_extension
 
 bpy = import_bpy()
 

@@ -4,9 +4,7 @@ refused without the token and fetched with it, and the token kept out of .blend 
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 
 import pytest
 

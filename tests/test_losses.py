@@ -13,7 +13,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from im3d.cameras import orbit_cameras
 from im3d.config import ReconConfig

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from fastapi.testclient import TestClient
 from hub_server import HubServer, HubState, Repo, tiny_diffusers_repo
 from test_weights_pull import hub_env  # noqa: F401 - the fixture: empty caches, Hub reachable

@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from im3d.errors import STORAGE_ERRNOS, Cancelled, Im3dError, check_cancel, storage_error
+from im3d.errors import STORAGE_ERRNOS, Im3dError, check_cancel, storage_error
 
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]

@@ -45,7 +45,7 @@ def rasterize_triangles(
     return Hits(face, bary, depth)
 
 
-@numba.njit(cache=True)
+@numba.njit(nogil=True, cache=True)
 def _raster(cam, faces, K, near, out_face, out_bary, out_depth):  # pragma: no cover - compiled
     H, W = out_face.shape
     fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
