@@ -10,7 +10,7 @@ Stages (each reports progress and checks `cancel()`):
                shows space (hull.py); without views it falls back to "density": Gaussian density
                (density.py); "tsdf": splat depth fused into a TSDF (tsdf.py)
   2. surface   marching cubes (PyMCubes) on that field, outward normals (surface.py)
-  3. cleanup   drop floaters, (hull) outlines moved onto the views' silhouettes (outlines.py), Taubin smoothing, decimate to the face budget, (density only: snap), unfold folds
+  3. cleanup   drop floaters, Taubin smoothing, decimate to the face budget, (hull) outlines moved onto the views' silhouettes (outlines.py), (density only: snap), unfold folds
   4. texture   UV atlas (facing charts packed by xatlas), albedo back-projected from the views
                (bake_views.py), the splats' colours where no view sees the surface
 """
@@ -191,16 +191,18 @@ def mesh_from_splats(
             f"a face budget of {cfg.face_budget} cannot hold {components} closed components "
             f"(at least {4 * components} faces); raise mesh.face_budget or mesh.min_component_fraction",
         )
-    if cfg.fit_outlines and silhouettes is not None:
-        report_progress(0.45, "meshing: fitting the outlines to the views")
-        vertices = fit_outlines(vertices, faces, silhouettes.cameras, silhouettes.silhouettes, cancel)
-        lap("outlines")
     # Smoothed on marching cubes' regular triangles, before decimation: smoothing the decimated
     # mesh's long thin triangles folds them (dark specks in Blender).
     vertices = taubin_smooth(vertices, faces, cfg.smooth_iterations, cancel)
     lap("smooth")
     vertices, faces = decimate(vertices, faces, cfg.face_budget)
     lap("decimate")
+    if cfg.fit_outlines and silhouettes is not None:
+        # On the decimated mesh: a tenth of marching cubes' faces at grid 256 to rasterise per
+        # view, and measured as good as before smoothing (docs/benchmarks.md, "Outlines").
+        report_progress(0.5, "meshing: fitting the outlines to the views")
+        vertices = fit_outlines(vertices, faces, silhouettes.cameras, silhouettes.silhouettes, cancel)
+        lap("outlines")
     check_cancel(cancel)
     snap_mean = 0.0
     if cfg.snap_to_splats and cfg.method == "density":  # the ridge is a density notion
