@@ -66,7 +66,8 @@ def test_setup_from_the_zip_makes_an_environment_that_imports_im3d_and_sees_a_de
     assert "GB to download" in lines[0]  # the size is told before anything is fetched
     assert steps[-1][0] == 1.0 and "torch" in steps[-1][1] and [f for f, _ in steps] == sorted(f for f, _ in steps)
     clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    result = subprocess.run([str(python), "-c", "import im3d.server, torch; print(im3d.server.__file__)"], capture_output=True, text=True, env=clean)
+    # cwd: `python -c` puts it on sys.path, and a checkout's backend/ there would shadow the zip's.
+    result = subprocess.run([str(python), "-c", "import im3d.server, torch; print(im3d.server.__file__)"], capture_output=True, text=True, env=clean, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert Path(result.stdout.strip()).is_relative_to(zip_backend)  # the zip's source, not the checkout's
 
