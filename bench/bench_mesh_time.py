@@ -31,17 +31,17 @@ from bench_mesh_fidelity import DEFAULT_DATA, DEFAULT_WORK  # noqa: E402
 from im3d.cameras import read_transforms  # noqa: E402
 from im3d.config import load_config  # noqa: E402
 from im3d.mesh import mesh_from_splats  # noqa: E402
+from im3d.splats.fit import resize_images  # noqa: E402
 from im3d.splats.ply import read_ply  # noqa: E402
 
 GENERATED_SIZE = 576  # SV3D's frames
 
 
 def upsampled(views, size: int):
-    """The views at size² (cameras rescaled, images and masks resampled bilinearly)."""
-    def resample(x: torch.Tensor) -> torch.Tensor:  # [C, H, W, K]
-        return torch.nn.functional.interpolate(x.permute(0, 3, 1, 2), size=(size, size), mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
-
-    return dataclasses.replace(views, cameras=views.cameras.resized(size, size), images=resample(views.images), masks=resample(views.masks))
+    """The views at size² (cameras rescaled, images and masks resampled as the fit resamples them)."""
+    return dataclasses.replace(
+        views, cameras=views.cameras.resized(size, size), images=resize_images(views.images, size), masks=resize_images(views.masks, size)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,8 +14,9 @@ face towards the camera, the other away); where such an edge's end is visible an
 own rendered outline, the difference between the silhouette's signed distance and the mesh
 coverage's signed distance at its pixel says how far that outline must move, in pixels. Each
 vertex moves along its normal by the mean over views of those moves, blended smoothly into its
-neighbourhood (a screened Poisson solve), for a few rounds. Comparing the two signed distances, not the silhouette's alone,
-keeps the small wrinkles just inside the outline (silhouette edges too) from pushing it out.
+neighbourhood (a screened Poisson solve), for a few rounds. Comparing the two signed distances,
+not the silhouette's alone, keeps the small wrinkles just inside the outline (silhouette edges
+too) from pushing it out.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ FINE_PIXELS = 1024
 #   sum_v asks_v (s_v - asked_v)^2 + SMOOTHNESS * sum_edges (s_i - s_j)^2 + ANCHOR * sum_v s_v^2,
 # so an asked-for move reaches its neighbours and fades within ~sqrt(SMOOTHNESS / ANCHOR) = 3
 # edges, leaving no step where the moved band ends. Copying each move two rings out instead left
-# ridges along the outlines (fitting before smoothing: normal consistency, tuned objects 0.954, a thin alligator 0.834; this
-# way 0.960 and 0.886, 0.910 without the fit) at the same PSNR and F-score.
+# ridges along the outlines (fitting before smoothing: normal consistency, tuned objects 0.954, a
+# thin alligator 0.834; this way 0.960 and 0.886, 0.910 without the fit) at the same PSNR and F.
 SMOOTHNESS = 1.0
 ANCHOR = 0.1
 

@@ -18,7 +18,7 @@ Three methods (`mesh.method`), measured against each other in bench/bench_mesh_f
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import mcubes
 import numpy as np
@@ -36,6 +36,9 @@ from im3d.mesh.density import (
 )
 from im3d.mesh.errors import MeshingError
 
+if TYPE_CHECKING:
+    from im3d.mesh.hull import Silhouettes  # the type only: hull is imported where it is used
+
 # Density below this share of the typical peak never counts as surface, however faint the
 # neighbourhood: keeps the tails of floaters and empty space out of the local normalisation.
 NORMALISATION_FLOOR = 0.2
@@ -51,7 +54,7 @@ def extract_surface(
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
     lap: Callable[[str], None] | None = None,
-) -> tuple[np.ndarray, np.ndarray, DensityGrid, float, object]:
+) -> tuple[np.ndarray, np.ndarray, DensityGrid, float, Silhouettes | None]:
     """vertices [V, 3] (world), faces [F, 3] (outward), the field's grid, the iso-level used and,
     for the hull, the silhouettes it was cut from (`hull.Silhouettes`; None otherwise).
 
