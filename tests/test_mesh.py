@@ -291,6 +291,57 @@ def test_smoothing_sees_a_cancel_between_passes_and_equals_one_call():
     assert len(calls) == 3
 
 
+def _marching_cubes_of(field: np.ndarray, voxel: float):
+    """World vertices, faces and the grid of an inside-positive field sampled at `voxel` from the origin."""
+    import mcubes
+
+    from im3d.mesh.density import DensityGrid
+
+    vertices, faces = mcubes.marching_cubes(field, 0.0)
+    return vertices * voxel, faces.astype(np.int64), DensityGrid(field.astype(np.float32), np.zeros(3), voxel)
+
+
+def test_fairing_flattens_lumps_keeps_the_shape_and_holds_thin_parts():
+    """The lumps a fit's depth leaves (a few voxels wide) go, the sphere keeps its radius; a sheet
+    under 2.5 voxels thick is found thin and stays as it is, where unheld fairing rounds its rim."""
+    from im3d.mesh.cleanup import fair_surface, taubin_smooth, thin_vertices, vertex_normals
+
+    n, voxel = 64, 1.0 / 64
+    ijk = np.indices((n, n, n)).transpose(1, 2, 3, 0) * voxel - 0.5  # [n, n, n, 3] centred
+    r = np.linalg.norm(ijk, axis=-1)
+    lumps = 0.006 * np.sin(ijk[..., 0] * 70) * np.sin(ijk[..., 1] * 70) * np.sin(ijk[..., 2] * 70)  # ~4.5 voxels wide
+    vertices, faces, grid = _marching_cubes_of(0.35 - r + lumps, voxel)
+    vertices = taubin_smooth(vertices, faces, 10)
+    faired = fair_surface(vertices, faces, 90, thin_vertices(vertices, faces, grid, 0.0))
+
+    def roughness(v):  # spread of the radius and of the normals' angle to the radial direction
+        radial = (v - 0.5) / np.linalg.norm(v - 0.5, axis=1, keepdims=True)
+        return np.std(np.linalg.norm(v - 0.5, axis=1)), np.mean(1 - np.abs(np.sum(vertex_normals(v, faces) * radial, axis=1)))
+
+    (spread_before, tilt_before), (spread_after, tilt_after) = roughness(vertices), roughness(faired)
+    assert spread_after < 0.7 * spread_before and tilt_after < 0.3 * tilt_before, (spread_before, spread_after, tilt_before, tilt_after)
+    assert abs(np.linalg.norm(faired - 0.5, axis=1).mean() - 0.35) < 0.25 * voxel  # no shrinking
+    assert not thin_vertices(vertices, faces, grid, 0.0).any()  # a ball 45 voxels across is not thin
+
+    # A sheet 1.6 voxels thick, 38 across: thin all over, kept only when held.
+    x, y, z = ijk[..., 0], ijk[..., 1], ijk[..., 2]
+    sheet = np.minimum(0.8 * voxel - np.abs(z), 0.3 - np.maximum(np.abs(x), np.abs(y)))
+    vertices, faces, grid = _marching_cubes_of(sheet, voxel)
+    held = thin_vertices(vertices, faces, grid, 0.0)
+    assert held.mean() > 0.95, held.mean()
+    moved = lambda v: np.linalg.norm(v - vertices, axis=1).max() / voxel  # noqa: E731 (in voxels)
+    assert moved(fair_surface(vertices, faces, 90, held)) < 0.02
+    assert moved(fair_surface(vertices, faces, 90, None)) > 0.3  # its rim rounds off and its faces bulge
+
+
+def test_fairing_sees_a_cancel():
+    from im3d.mesh.cleanup import fair_surface
+
+    sphere = trimesh.creation.icosphere(subdivisions=3, radius=RADIUS)
+    with pytest.raises(Cancelled):
+        fair_surface(sphere.vertices, sphere.faces, 90, None, cancel=lambda: True)
+
+
 def test_relax_folds_unfolds_a_spike_and_leaves_a_clean_mesh_alone():
     """A vertex pushed through its neighbours folds triangles back (a dark speck in Blender); only
     the folded neighbourhood moves, and a mesh without folds comes back unchanged."""

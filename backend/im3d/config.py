@@ -113,6 +113,7 @@ class MeshConfig:
     texture_from_views: bool = True  # texels take the colour of the job's views that see them; false: splat colours only
     min_component_fraction: float = 0.02  # drop components with fewer faces than this share
     smooth_iterations: int = 10  # Taubin smoothing passes after marching cubes (volume-kept; they take out the pits a lit render shows as dark specks)
+    fair_iterations: int = 90  # low-pass Taubin passes after those, parts under 2.5 voxels thick held: flatten the lumps a fit's depth leaves (lit ripples)
     face_budget: int = 50_000  # decimate to at most this many faces
     texture_size: int = 1024  # side of the baked albedo texture (512..2048)
     texture_padding: int = 4  # texels of padding around UV islands (no dark seams when mipmapped)
@@ -375,6 +376,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "mesh.truncation_voxels": (0.5, 16),
     "mesh.min_component_fraction": (0, 1),
     "mesh.smooth_iterations": (0, 100),
+    "mesh.fair_iterations": (0, 1000),
     "mesh.face_budget": (100, 10_000_000),
     "mesh.texture_size": (64, 8192),
     "mesh.texture_padding": (0, 256),
@@ -463,6 +465,7 @@ def _validate_relations(config: Config) -> None:
     _check(0 < m.threshold_fraction < 1, "mesh.threshold_fraction", f"must be within (0, 1), got {m.threshold_fraction}")
     _check(0 <= m.min_component_fraction < 1, "mesh.min_component_fraction", "must be within [0, 1)")
     _check(m.smooth_iterations >= 0, "mesh.smooth_iterations", "must not be negative")
+    _check(m.fair_iterations >= 0, "mesh.fair_iterations", "must not be negative")
     _check(m.face_budget >= 100, "mesh.face_budget", f"must be at least 100, got {m.face_budget}")
     _check(64 <= m.texture_size <= 8192, "mesh.texture_size", "must be within 64..8192")
     _check(m.texture_padding >= 0, "mesh.texture_padding", "must not be negative")

@@ -10,7 +10,7 @@ Stages (each reports progress and checks `cancel()`):
                shows space (hull.py); without views it falls back to "density": Gaussian density
                (density.py); "tsdf": splat depth fused into a TSDF (tsdf.py)
   2. surface   marching cubes (PyMCubes) on that field, outward normals (surface.py)
-  3. cleanup   drop floaters, Taubin smoothing, decimate to the face budget, (hull) outlines moved onto the views' silhouettes (outlines.py), (density only: snap), unfold folds
+  3. cleanup   drop floaters, Taubin smoothing and low-pass fairing (thin parts held), decimate to the face budget, (hull) outlines moved onto the views' silhouettes (outlines.py), (density only: snap), unfold folds
   4. texture   UV atlas (facing charts packed by xatlas), albedo back-projected from the views
                (bake_views.py), the splats' colours where no view sees the surface
 """
@@ -32,12 +32,14 @@ from im3d.mesh.bake_views import ViewImages, ViewSource
 from im3d.mesh.cleanup import (
     decimate,
     drop_degenerate,
+    fair_surface,
     face_components,
     mesh_statistics,
     relax_folds,
     remove_small_components,
     snap_to_ridge,
     taubin_smooth,
+    thin_vertices,
     vertex_normals,
 )
 from im3d.mesh.density import GaussianArrays, quats_to_rotations
@@ -194,6 +196,7 @@ def mesh_from_splats(
     # Smoothed on marching cubes' regular triangles, before decimation: smoothing the decimated
     # mesh's long thin triangles folds them (dark specks in Blender).
     vertices = taubin_smooth(vertices, faces, cfg.smooth_iterations, cancel)
+    vertices = fair_surface(vertices, faces, cfg.fair_iterations, thin_vertices(vertices, faces, grid, iso), cancel)
     lap("smooth")
     vertices, faces = decimate(vertices, faces, cfg.face_budget)
     lap("decimate")

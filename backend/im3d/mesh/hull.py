@@ -149,7 +149,10 @@ def carve_field(
     margin = depth_margin * 0.5 * voxel * (max(shape) - 1)
     front = _front_depth(hull, origin, voxel, viewmats, Ks, W, H)  # [C, H, W]
     concave = torch.isfinite(depth) & (depth - front > 2 * SLANT_MARGIN_FACTOR * margin)
-    carve_to = torch.where(concave, depth - voxel, depth - _slant_margin(depth, Ks, margin))
+    # The slant is read off the median-filtered depth: raw, a Gaussian's bump tripled the margin
+    # beside a facing one and left ripples (docs/benchmarks.md, "Fairing").
+    slant = _slant_margin(_median_filter(depth, torch.isfinite(depth), MEDIAN_PIXELS), Ks, margin)
+    carve_to = torch.where(concave, depth - voxel, depth - slant)
     # Each pixel carves to the median of its 5x5 neighbourhood (neighbours without depth count as
     # the pixel itself): one pixel the splats leave deep (a gap between Gaussians) would dig a pit
     # a pixel wide (the pits and scratches of a lit render), while on a slanted surface the median
