@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT / "backend"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_mesh_fidelity import read_glb  # noqa: E402
+from im3d.cameras import orbit_cameras  # noqa: E402
 from im3d.mesh.zbuffer import rasterize_triangles  # noqa: E402
 
 
@@ -46,18 +47,11 @@ def shaded_views(
     tri = vertices[faces]
     normals = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
     normals /= np.linalg.norm(normals, axis=1, keepdims=True) + 1e-20
-    focal = size / (2 * np.tan(np.radians(20.0)))
-    K = np.array([[focal, 0, size / 2], [0, focal, size / 2], [0, 0, 1.0]])
+    # 40° wide, 2.6 radii away; orbit_position's azimuth 0 looks along +Y, so +90 puts azimuth 0 on +X.
+    cameras = orbit_cameras(len(azimuths), 20.0, 2.6 * radius, 40.0, size, target=tuple(centre), azimuths_deg=[a + 90.0 for a in azimuths])
     tiles = []
-    for azimuth in azimuths:
-        a, e = np.radians(azimuth), np.radians(20.0)
-        eye = centre + 2.6 * radius * np.array([np.cos(e) * np.cos(a), np.cos(e) * np.sin(a), np.sin(e)])
-        forward = (centre - eye) / np.linalg.norm(centre - eye)
-        right = np.cross(forward, [0.0, 0.0, 1.0])
-        right /= np.linalg.norm(right)
-        rotation = np.stack([right, np.cross(forward, right), forward])  # OpenCV: x right, y down, z forward
-        viewmat = np.eye(4)
-        viewmat[:3, :3], viewmat[:3, 3] = rotation, -rotation @ eye
+    for viewmat, K in zip(cameras.viewmats.double().numpy(), cameras.Ks.double().numpy()):
+        forward = viewmat[2, :3]  # the camera's +z (OpenCV) in world axes
         hit = rasterize_triangles(vertices, faces, viewmat, K, size, size)
         light = -forward + np.array([0.3, 0.2, 0.8])
         light /= np.linalg.norm(light)

@@ -35,6 +35,7 @@ from im3d.mesh.cleanup import (
     fair_surface,
     face_components,
     mesh_statistics,
+    neighbour_average,
     relax_folds,
     remove_small_components,
     snap_to_ridge,
@@ -195,8 +196,10 @@ def mesh_from_splats(
         )
     # Smoothed on marching cubes' regular triangles, before decimation: smoothing the decimated
     # mesh's long thin triangles folds them (dark specks in Blender).
-    vertices = taubin_smooth(vertices, faces, cfg.smooth_iterations, cancel)
-    vertices = fair_surface(vertices, faces, cfg.fair_iterations, thin_vertices(vertices, faces, grid, iso), cancel)
+    average = neighbour_average(vertices, faces)  # built once: both passes move vertices, not edges
+    vertices = taubin_smooth(vertices, faces, cfg.smooth_iterations, cancel, average=average)
+    held = thin_vertices(vertices, faces, grid, iso)
+    vertices = fair_surface(vertices, faces, cfg.fair_iterations, held, cancel, average)
     lap("smooth")
     vertices, faces = decimate(vertices, faces, cfg.face_budget)
     lap("decimate")

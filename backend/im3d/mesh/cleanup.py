@@ -168,21 +168,44 @@ def snap_to_ridge(
     return snapped, float(depth.mean()) if len(depth) else 0.0
 
 
-def taubin_smooth(vertices: np.ndarray, faces: np.ndarray, iterations: int, cancel=None) -> np.ndarray:
-    """Volume-preserving smoothing (Taubin lambda|mu), light: removes marching-cubes ripples.
+def neighbour_average(vertices: np.ndarray, faces: np.ndarray) -> sparse.csr_matrix:
+    """[V, V] sparse: each vertex's row averages its neighbours (connectivity only: positions may move)."""
+    return trimesh.smoothing.laplacian_calculation(trimesh.Trimesh(vertices, faces, process=False))
 
-    One shrink+inflate pair per trimesh call (the same result as one call with `iterations`), so a
-    cancel is seen between pairs instead of after all of them.
-    """
+
+# Taubin inflate steps after a shrink of 0.5. Light smoothing's 0.53 has a pass band of
+# 1/0.5 - 1/0.53 ~ 0.11 and takes out marching cubes' ripples; fairing's 0.51 (~0.04) flattens
+# bumps a few voxels wide and leaves larger shapes in place.
+LIGHT_INFLATE = 0.53
+FAIR_INFLATE = 0.51
+
+
+def taubin_smooth(
+    vertices: np.ndarray,  # [V, 3]
+    faces: np.ndarray,  # [F, 3]
+    iterations: int,
+    cancel=None,
+    inflate: float = LIGHT_INFLATE,
+    held: np.ndarray | None = None,  # [V] bool, vertices kept in place, eased over three rings
+    average: sparse.csr_matrix | None = None,  # neighbour_average(vertices, faces), when already built
+) -> np.ndarray:
+    """Volume-preserving smoothing (Taubin lambda|mu: trimesh.smoothing.filter_taubin's passes, with
+    `held` vertices); a cancel is seen between shrink+inflate pairs."""
     if iterations <= 0:
         return vertices
-    mesh = trimesh.Trimesh(vertices, faces, process=False)
-    laplacian = trimesh.smoothing.laplacian_calculation(mesh)  # built once, reused by every pass
-    for done in range(0, iterations, 2):  # trimesh alternates shrink (even index) and inflate (odd)
-        check_cancel(cancel)
-        passes = min(2, iterations - done)
-        trimesh.smoothing.filter_taubin(mesh, lamb=0.5, nu=0.53, iterations=passes, laplacian_operator=laplacian)
-    return np.asarray(mesh.vertices)
+    average = neighbour_average(vertices, faces) if average is None else average
+    weight = np.ones((len(vertices), 1))
+    if held is not None and held.any():
+        weight[held] = 0.0
+        for _ in range(3):  # fade in instead of tearing at the held vertices' edge
+            weight = np.minimum(weight, average @ weight)
+    v = np.array(vertices, dtype=np.float64)
+    for i in range(iterations):
+        if i % 2 == 0:
+            check_cancel(cancel)
+        step = 0.5 if i % 2 == 0 else -inflate  # shrink, then inflate
+        v += step * weight * (average @ v - v)
+    return v
 
 
 # A vertex whose surface, followed this many voxels inward, has left the solid lies on a part
@@ -197,40 +220,19 @@ def thin_vertices(vertices: np.ndarray, faces: np.ndarray, grid: DensityGrid, is
     return sample_grid(grid, inward) <= iso
 
 
-# Fairing's inflate step: with shrink 0.5 its pass band is 1/0.5 - 1/0.51 ~ 0.04 (light smoothing's
-# 0.53: ~0.11), so its passes flatten bumps a few voxels wide and leave larger shapes in place.
-FAIR_INFLATE = 0.51
-
-
 def fair_surface(
     vertices: np.ndarray,  # [V, 3]
     faces: np.ndarray,  # [F, 3]
     iterations: int,
-    held: np.ndarray | None = None,  # [V] bool, vertices kept in place (thin parts), eased over three rings
+    held: np.ndarray | None = None,  # [V] bool, vertices kept in place (thin parts)
     cancel=None,
+    average: sparse.csr_matrix | None = None,  # neighbour_average(vertices, faces), when already built
 ) -> np.ndarray:
     """Low-pass Taubin fairing: takes out the lumps, a few voxels wide, that the fit's rendered depth
     leaves on carved surfaces (lit, a cow's flank was rippled; normal consistency on the public
     models 0.930 -> 0.940, docs/benchmarks.md). A part only a few voxels thick would lose its rim
-    (a flat sheet's outline shrank, -0.8 dB): its vertices are `held`, and fairing fades in over
-    the three rings around them instead of tearing at their edge."""
-    if iterations <= 0:
-        return vertices
-    mesh = trimesh.Trimesh(vertices, faces, process=False)
-    average = trimesh.smoothing.laplacian_calculation(mesh)  # [V, V] sparse: the mean of a vertex's neighbours
-    weight = np.ones(len(vertices))
-    if held is not None and held.any():
-        weight[held] = 0.0
-        for _ in range(3):
-            weight = np.minimum(weight, average @ weight)
-    weight = weight[:, None]
-    v = np.array(vertices, dtype=np.float64)
-    for i in range(iterations):
-        if i % 16 == 0:
-            check_cancel(cancel)
-        step = 0.5 if i % 2 == 0 else -FAIR_INFLATE  # shrink, then inflate
-        v += step * weight * (average @ v - v)
-    return v
+    (a flat sheet's outline shrank, -0.8 dB): its vertices are `held`."""
+    return taubin_smooth(vertices, faces, iterations, cancel, FAIR_INFLATE, held, average)
 
 
 def mesh_statistics(vertices: np.ndarray, faces: np.ndarray) -> dict:
