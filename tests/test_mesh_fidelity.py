@@ -402,9 +402,34 @@ def test_a_bowl_open_to_near_its_bottom_does_not_stand_on_a_base():
     bowl_field = torch.where(shell | lens, 1.0, -1.0)
     cylinder = torch.where((x**2 + y**2 <= 0.3**2) & (z.abs() <= 0.3), 1.0, -1.0)
     down, voxel = torch.tensor([0.0, 0.0, -1.0]), float(axis[1] - axis[0])
-    assert not _stands_on_a_base(_Sections.of(bowl_field, -z, down, voxel), 0.2)  # cut at z -0.2
-    assert _stands_on_a_base(_Sections.of(cylinder, -z, down, voxel), 0.28)  # cut at z -0.28
+    assert not _stands_on_a_base(_Sections.of(bowl_field, -z, down, voxel), 0.2, 2.2)  # cut at z -0.2
+    assert _stands_on_a_base(_Sections.of(cylinder, -z, down, voxel), 0.28, 2.2)  # cut at z -0.28
 
+
+def test_standing_is_judged_against_how_the_views_graze_the_lowest_seen_point():
+    """Sides that narrow toward the lowest seen point at radius per height 0.5 are a wall above a
+    base to a ring of views 15° up (they graze a wall there at ~2.6: a bunny's rounded feet read
+    as round under the old absolute slope 0.4), and a limb to views from 60° up (grazing ~0.6)."""
+    from im3d.mesh.hull import _grazing_slope, _Sections, _stands_on_a_base
+
+    down = torch.tensor([0.0, 0.0, -1.0])
+    low_ring = orbit_cameras(8, elevation_deg=15.0, radius=2.7, fov_deg=40.0, width=8).viewmats.float()
+    high_ring = orbit_cameras(8, elevation_deg=60.0, radius=2.7, fov_deg=40.0, width=8).viewmats.float()
+    # From the point 0.3 below the centre: cot of the elevation the views are seen at from there.
+    eye_low = (2.7 * math.cos(math.radians(15.0)), 2.7 * math.sin(math.radians(15.0)) + 0.3)
+    assert _grazing_slope(low_ring, np.zeros(3), down, 0.3) == pytest.approx(eye_low[0] / eye_low[1], rel=1e-3)
+    low, high = _grazing_slope(low_ring, np.zeros(3), down, 0.3), _grazing_slope(high_ring, np.zeros(3), down, 0.3)
+    assert 2.4 < low < 2.8 and 0.5 < high < 0.7, (low, high)
+
+    n = 64
+    axis = torch.linspace(-0.5, 0.5, n)
+    x, y, z = torch.meshgrid(axis, axis, axis, indexing="ij")
+    # A funnel standing on its narrow end: radius 0.15 at z -0.3, widening by 0.5 per height up to 0.35.
+    funnel = torch.where((x**2 + y**2).sqrt() <= (0.15 + 0.5 * (z + 0.3)).clamp(max=0.35), 1.0, -1.0)
+    funnel = torch.where(z.abs() <= 0.3, funnel, torch.full_like(funnel, -1.0))
+    sections = _Sections.of(funnel, -z, down, float(axis[1] - axis[0]))
+    assert _stands_on_a_base(sections, 0.28, low)
+    assert not _stands_on_a_base(sections, 0.28, high)
 
 @pytest.mark.parametrize("shape", ["sphere", "capsule", "torus"])
 def test_rounded_underside_continues_the_sides_curve(shape):
