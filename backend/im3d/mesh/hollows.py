@@ -32,7 +32,7 @@ import scipy.ndimage
 import torch
 
 from im3d.errors import check_cancel
-from im3d.mesh.voxels import across, dilate, project
+from im3d.mesh.voxels import across, camera_centres, dilate, project
 
 # A surface faces a view when the cosine between its normal and the direction to the camera
 # exceeds FACING_COS (78°); the view sees it *well* when it is also nearest to that camera at its
@@ -218,8 +218,7 @@ def _faced_and_seen(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """([B] faces some camera, [B] some camera sees it well). A voxel is nearest to a camera when
     it lies within two pixels' (or voxels') depth of the shell's z-buffer at its pixel."""
-    R, t = viewmats[:, :3, :3], viewmats[:, :3, 3]
-    eyes = -(R.transpose(1, 2) @ t[..., None])[..., 0]  # [C, 3]
+    eyes = camera_centres(viewmats)
     faced = torch.zeros(len(points), dtype=torch.bool)
     seen = torch.zeros_like(faced)
     for c in range(len(viewmats)):

@@ -67,7 +67,7 @@ from im3d.errors import check_cancel
 from im3d.mesh.density import DensityGrid, GaussianArrays, grid_bounds
 from im3d.mesh.errors import MeshingError
 from im3d.mesh.hollows import open_hidden_hollows
-from im3d.mesh.voxels import across, dilate, project
+from im3d.mesh.voxels import across, camera_centres, dilate, project
 from im3d.mesh.tsdf import COVERED_ALPHA, render_depths
 
 # Grid points handled per projection batch: bounds the temporaries (~40 bytes each) on big grids.
@@ -234,8 +234,7 @@ def _down_direction(
     """[3] the direction away from the cameras, when they lie to one side of the object and around
     it (a ring above it); None when they are all round it or on one side only (a single photo, a
     half-orbit: "away from the cameras" is then the object's back, not its underside)."""
-    R, t = viewmats[:, :3, :3], viewmats[:, :3, 3]
-    eyes = -(R.transpose(1, 2) @ t[..., None])[..., 0]  # [C, 3] camera centres
+    eyes = camera_centres(viewmats)
     side = torch.nn.functional.normalize(eyes - torch.as_tensor(centre, dtype=torch.float32), dim=-1).mean(0)
     if float(side.norm()) < ONE_SIDED_VIEWS:
         return None
@@ -342,8 +341,7 @@ def _grazing_slope(
     """Radius per height of a wall the shallowest view sees edge-on at the lowest seen point (on
     the axis through `centre`): cot of that view's elevation above it (a ring 15° up and 2.7 away,
     from 0.3 below its centre: 2.6)."""
-    R, t = viewmats[:, :3, :3], viewmats[:, :3, 3]
-    eyes = -(R.transpose(1, 2) @ t[..., None])[..., 0]  # [C, 3] camera centres
+    eyes = camera_centres(viewmats)
     point = torch.as_tensor(centre, dtype=torch.float32)
     point = point + (level - float(point @ down)) * down
     offsets = eyes - point

@@ -24,6 +24,12 @@ def project(points: torch.Tensor, viewmat: torch.Tensor, K: torch.Tensor) -> tup
     return z, K[0, 0] * cam[:, 0] / z.clamp_min(1e-9) + K[0, 2], K[1, 1] * cam[:, 1] / z.clamp_min(1e-9) + K[1, 2]
 
 
+def camera_centres(viewmats: torch.Tensor) -> torch.Tensor:
+    """[C, 3] where the cameras of world-to-camera matrices [C, 4, 4] are: -R^T t."""
+    R, t = viewmats[:, :3, :3], viewmats[:, :3, 3]
+    return -(R.transpose(1, 2) @ t[..., None])[..., 0]
+
+
 def across(axis: torch.Tensor) -> torch.Tensor:
     """[3, 2] two orthonormal directions across the unit vector `axis` [3] (any pair)."""
     first = torch.linalg.svd(torch.eye(3) - torch.outer(axis, axis)).U[:, 0]
