@@ -33,8 +33,8 @@ the splats' density surface follows that. So the views decide first and the spla
    can see or carve (a quarter of the radius deep from 15° up: the mug's and the wedge's worst
    error, F 0.86 / 0.71). When the views lie to one side (their mean direction from the object
    is not ~0) and surround it (no gap over 120° around that direction), and the object stands on
-   a base there (its sections do not narrow toward the lowest seen point, or its section there
-   is most of its width), everything beyond the lowest point any view *sees* - the splats'
+   a base there (its sections narrow toward the lowest seen point well below the slope at which
+   the views would graze a limb there, or its section there is most of its width), everything beyond the lowest point any view *sees* - the splats'
    rendered surface, back-projected, its 99.9th percentile - is cut flat (F 0.97 / 0.94). Under
    a round object the lowest seen point lies well above its bottom (0.3 radii under a sphere seen
    from 20° up and 1.7 away): there the section is eroded below it as the circle through it and
