@@ -420,6 +420,7 @@ def test_standing_is_judged_against_how_the_views_graze_the_lowest_seen_point():
     assert _grazing_slope(low_ring, np.zeros(3), down, 0.3) == pytest.approx(eye_low[0] / eye_low[1], rel=1e-3)
     low, high = _grazing_slope(low_ring, np.zeros(3), down, 0.3), _grazing_slope(high_ring, np.zeros(3), down, 0.3)
     assert 2.4 < low < 2.8 and 0.5 < high < 0.7, (low, high)
+    assert _grazing_slope(low_ring, np.zeros(3), down, -1.0) == math.inf  # views level with it or below see under it
 
     n = 64
     axis = torch.linspace(-0.5, 0.5, n)

@@ -34,13 +34,14 @@ the splats' density surface follows that. So the views decide first and the spla
    error, F 0.86 / 0.71). When the views lie to one side (their mean direction from the object
    is not ~0) and surround it (no gap over 120° around that direction), and the object stands on
    a base there (its sections narrow toward the lowest seen point well below the slope at which
-   the views would graze a limb there, or its section there is most of its width), everything beyond the lowest point any view *sees* - the splats'
-   rendered surface, back-projected, its 99.9th percentile - is cut flat (F 0.97 / 0.94). Under
-   a round object the lowest seen point lies well above its bottom (0.3 radii under a sphere seen
-   from 20° up and 1.7 away): there the section is eroded below it as the circle through it and
-   a section a little higher says (a sphere, a lying capsule: exact), which closes it near its
-   true bottom where the hull's cone hung 0.1-0.2 radii lower. Views all round the object, or
-   from one side only, leave the hull's closure.
+   the views would graze a limb there, or its section there is most of its width), everything
+   beyond the lowest point any view *sees* - the splats' rendered surface, back-projected, its
+   99.9th percentile - is cut flat (F 0.97 / 0.94). Under a round object the lowest seen point
+   lies well above its bottom (0.3 radii under a sphere seen from 20° up and 1.7 away): there the
+   section is eroded below it as the circle through it and a section a little higher says (a
+   sphere, a lying capsule: exact), which closes it near its true bottom where the hull's cone
+   hung 0.1-0.2 radii lower. Views all round the object, or from one side only, leave the hull's
+   closure.
 
 4. **Hidden hollows** (`hollows.py`): a bowl's inside below the rays that graze its rim is seen
    by no view and stays filled; it is opened under a hidden floor that lies in a pit, to a seen
@@ -346,8 +347,10 @@ def _grazing_slope(
     point = point + (level - float(point @ down)) * down
     offsets = eyes - point
     rise = -(offsets @ down)  # [C] height of each camera above the point
-    across_ = (offsets + rise[:, None] * down).norm(dim=-1)
-    return float((across_ / rise.clamp(min=1e-6)).max())
+    if bool((rise <= 0).any()):
+        return math.inf  # a view from level with it or below sees under it: nothing there is hidden
+    sideways = (offsets + rise[:, None] * down).norm(dim=-1)
+    return float((sideways / rise).max())
 
 
 def _rounded_underside(
