@@ -530,3 +530,24 @@ def test_a_shallow_hollow_no_silhouette_shows_is_carved():
     # With the margin of before (0.15 of the half-size, on every surface) the pocket stays filled.
     before = mesh_from_splats(splats, MeshConfig(**{**MESH, "depth_margin": 0.15}), views=views)
     assert contains(before.vertices, before.faces, np.array(in_the_pocket)) == [True] * 2
+
+
+def test_carving_margin_is_capped_by_a_thin_parts_half_width_only():
+    """The carving margin may not exceed 0.4 of a part's half-width, measured on the silhouette:
+    on a leg 6 pixels wide the half-width is its radius, 3 pixels (the margin shrinks to fit it),
+    while at a body's rim it is at least the reach (the margin a body's rim needs is kept)."""
+    from im3d.mesh.hull import _half_width
+
+    mask = torch.zeros(1, 120, 160)
+    mask[0, 20:26, 10:70] = 1.0  # a leg: rows 20-25, 6 pixels thick
+    yy, xx = torch.meshgrid(torch.arange(120.0) + 0.5, torch.arange(160.0) + 0.5, indexing="ij")
+    mask[0][(yy - 70) ** 2 + (xx - 110) ** 2 <= 40**2] = 1.0  # a body: a disc of radius 40
+    depth = torch.where(mask > 0.5, torch.full_like(mask, 2.0), torch.full_like(mask, float("inf")))
+    Ks = torch.tensor([[[100.0, 0.0, 80.0], [0.0, 100.0, 60.0], [0.0, 0.0, 1.0]]])
+    pixel = 2.0 / 100.0  # world size of a pixel at depth 2
+    reach = 10 * pixel
+    half = _half_width(mask, depth, Ks, reach)
+    assert abs(float(half[0, 22, 40]) - 3 * pixel) < 0.51 * pixel  # the leg's middle
+    assert abs(float(half[0, 20, 40]) - 3 * pixel) < 0.51 * pixel  # ... and its edge row
+    assert float(half[0, 70, 71]) >= reach  # a body's rim pixel: its inside is within reach
+    assert float(half[0, 70, 110]) >= 39 * pixel  # the body's middle

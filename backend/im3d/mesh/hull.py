@@ -81,6 +81,13 @@ OPAQUE_SPLATS = 0.45
 # Carving depths are the median over this many pixels square (see carve_field: 3 -> 5 measured
 # F@0.02 median 0.944 -> 0.952, normal consistency 0.935 -> 0.942 on the nine bench objects).
 MEDIAN_PIXELS = 5
+# The carving margin is at most THIN_MARGIN of the silhouette's local half-width: the largest
+# distance to its outline within THIN_REACH largest margins of the pixel, so only parts narrower
+# than that (legs, arms, a chair's rails) are affected, not a body's rim where the fit's depth
+# lies furthest behind (looked for within 1 largest margin, the bowl's F fell 0.800 -> 0.742;
+# share 0.25: alligator -2 dB). Measured in docs/benchmarks.md ("Thin parts' margin").
+THIN_MARGIN = 0.4
+THIN_REACH = 3.0
 # Views are carved at no more than this many pixels across per grid sample across.
 MAX_PIXELS_PER_VOXEL = 1.0
 # The depth margin grows as 1/cos of the surface's slant to the view, up to this factor (70°).
@@ -153,6 +160,9 @@ def carve_field(
     # The slant is read off the median-filtered depth: raw, a Gaussian's bump tripled the margin
     # beside a facing one and left ripples (docs/benchmarks.md, "Fairing").
     slant = _slant_margin(_median_filter(depth, torch.isfinite(depth), MEDIAN_PIXELS), Ks, margin)
+    # ... but never more than a share of a thin part's own half-width: a margin as wide as a leg
+    # left its cross-section the hull's polygon (a pixel fat at views off the orbit).
+    slant = torch.minimum(slant, THIN_MARGIN * _half_width(mask, depth, Ks, THIN_REACH * SLANT_MARGIN_FACTOR * margin))
     carve_to = torch.where(concave, depth - voxel, depth - slant)
     # Each pixel carves to the median of its 5x5 neighbourhood (neighbours without depth count as
     # the pixel itself): one pixel the splats leave deep (a gap between Gaussians) would dig a pit
@@ -445,6 +455,23 @@ def _slant_margin(
     widened = margin * torch.sqrt(1 + slope**2)  # margin / cos(slant)
     largest = SLANT_MARGIN_FACTOR * margin
     return torch.where(known & neighbours, widened.clamp(max=largest), torch.full_like(depth, largest))
+
+
+def _half_width(
+    mask: torch.Tensor,  # [C, H, W] the views' masks in [0, 1]
+    depth: torch.Tensor,  # [C, H, W] camera z of the rendered surface, inf where none
+    Ks: torch.Tensor,  # [C, 3, 3]
+    reach: float,  # world units: how far around a pixel the half-width is looked for
+) -> torch.Tensor:
+    """[C, H, W] world units: the silhouette's half-width near each pixel, the largest distance to
+    its outline within `reach` of it (a leg's radius on the leg, at least `reach` inside a body)."""
+    known = torch.isfinite(depth)
+    typical = float(depth[known].median()) if bool(known.any()) else 1.0
+    window = 2 * max(1, math.ceil(reach * float(Ks[:, 0, 0].mean()) / typical)) + 1  # pixels
+    inside = (mask >= 0.5).numpy()
+    pixels = np.stack([scipy.ndimage.maximum_filter(scipy.ndimage.distance_transform_edt(m), size=window) for m in inside])
+    z = torch.where(known, depth, torch.zeros_like(depth))
+    return torch.from_numpy(pixels).float() * z / Ks[:, 0, 0, None, None].float()
 
 
 def _median_filter(
