@@ -85,7 +85,7 @@ MEDIAN_PIXELS = 5
 # distance to its outline within THIN_REACH largest margins of the pixel, so only parts narrower
 # than that (legs, arms, a chair's rails) are affected, not a body's rim where the fit's depth
 # lies furthest behind (looked for within 1 largest margin, the bowl's F fell 0.800 -> 0.742;
-# share 0.25: alligator -2 dB). Measured in docs/benchmarks.md ("Thin parts' margin").
+# share 0.25: alligator -2.1 dB). Measured in docs/benchmarks.md ("Thin parts' margin").
 THIN_MARGIN = 0.4
 THIN_REACH = 3.0
 # Views are carved at no more than this many pixels across per grid sample across.
