@@ -551,3 +551,8 @@ def test_carving_margin_is_capped_by_a_thin_parts_half_width_only():
     assert abs(float(half[0, 20, 40]) - 3 * pixel) < 0.51 * pixel  # ... and its edge row
     assert float(half[0, 70, 71]) >= reach  # a body's rim pixel: its inside is within reach
     assert float(half[0, 70, 110]) >= 39 * pixel  # the body's middle
+    # The frame's edge is no outline (a leg cut by it goes on), and a view the object fills caps nothing.
+    cut = torch.zeros(1, 120, 160)
+    cut[0, :, 0:6] = 1.0  # a leg 6 pixels wide along the left edge
+    assert abs(float(_half_width(cut, depth.clamp(max=2.0), Ks, reach)[0, 60, 0]) - 6 * pixel) < 0.51 * pixel
+    assert bool(torch.isinf(_half_width(torch.ones(1, 120, 160), torch.full((1, 120, 160), 2.0), Ks, reach)).all())

@@ -469,7 +469,11 @@ def _half_width(
     typical = float(depth[known].median()) if bool(known.any()) else 1.0
     window = 2 * max(1, math.ceil(reach * float(Ks[:, 0, 0].mean()) / typical)) + 1  # pixels
     inside = (mask >= 0.5).numpy()
-    pixels = np.stack([scipy.ndimage.maximum_filter(scipy.ndimage.distance_transform_edt(m), size=window) for m in inside])
+    pixels = np.full(inside.shape, np.inf)  # a view with no outline (the object fills it) caps nothing
+    for c, m in enumerate(inside):
+        if not m.all():  # the frame's edge is no outline: the part may go on beyond it
+            distance = scipy.ndimage.distance_transform_edt(np.pad(m, 1, constant_values=True))[1:-1, 1:-1]
+            pixels[c] = scipy.ndimage.maximum_filter(distance, size=window)
     z = torch.where(known, depth, torch.zeros_like(depth))
     return torch.from_numpy(pixels).float() * z / Ks[:, 0, 0, None, None].float()
 
