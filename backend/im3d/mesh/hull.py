@@ -474,8 +474,8 @@ def _half_width(
         if not m.all():  # the frame's edge is no outline: the part may go on beyond it
             distance = scipy.ndimage.distance_transform_edt(np.pad(m, 1, constant_values=True))[1:-1, 1:-1]
             pixels[c] = scipy.ndimage.maximum_filter(distance, size=window)
-    z = torch.where(known, depth, torch.zeros_like(depth))
-    return torch.from_numpy(pixels).float() * z / Ks[:, 0, 0, None, None].float()
+    world = torch.from_numpy(pixels).float() * depth / Ks[:, 0, 0, None, None].float()
+    return torch.where(known, world, torch.full_like(depth, math.inf))  # no depth there: nothing to cap
 
 
 def _median_filter(
