@@ -106,6 +106,7 @@ class MeshConfig:
     flat_underside: bool = True  # hull: what no view sees beyond the lowest seen point (under an orbit from above) is closed - flat under a standing base, as the sides curve in under a round one - not left as the hull's cone
     open_hollows: bool = True  # hull: a container's inside that no view sees (under an orbit from above) is opened, not left filled
     fit_outlines: bool = True  # hull: the mesh's outline at each fitted view is moved onto the view's silhouette edge (sub-pixel; marching cubes leaves it inside)
+    fit_depth: bool = True  # hull: the surface is pulled in to where the views' depth, less its lag measured at the outlines, agrees it lies (the carving margin's leftovers)
     extra_views: int = 32  # tsdf only: views around the object whose rendered depth is fused besides the fitted views
     truncation_voxels: float = 2.0  # tsdf: signed distances are clamped to this many voxels
     carve_with_masks: bool = True  # tsdf: voxels outside any fitted view's mask are empty (space carving)

@@ -10,7 +10,7 @@ Stages (each reports progress and checks `cancel()`):
                shows space (hull.py); without views it falls back to "density": Gaussian density
                (density.py); "tsdf": splat depth fused into a TSDF (tsdf.py)
   2. surface   marching cubes (PyMCubes) on that field, outward normals (surface.py)
-  3. cleanup   drop floaters, Taubin smoothing and low-pass fairing (thin parts held), decimate to the face budget, (hull) outlines moved onto the views' silhouettes (outlines.py), (density only: snap), unfold folds
+  3. cleanup   drop floaters, Taubin smoothing and low-pass fairing (thin parts held), decimate to the face budget, (hull) outlines moved onto the views' silhouettes (outlines.py) and the surface pulled in to the views' depth less its lag (depth_fit.py), (density only: snap), unfold folds
   4. texture   UV atlas (facing charts packed by xatlas), albedo back-projected from the views
                (bake_views.py), the splats' colours where no view sees the surface
 """
@@ -44,6 +44,7 @@ from im3d.mesh.cleanup import (
     vertex_normals,
 )
 from im3d.mesh.density import GaussianArrays, quats_to_rotations
+from im3d.mesh.depth_fit import fit_depth
 from im3d.mesh.errors import MeshingError
 from im3d.mesh.gltf import write_glb
 from im3d.mesh.outlines import fit_outlines
@@ -85,6 +86,7 @@ class MeshReport:
     uv_coverage: float = 0.0
     uv_overlap_texels: int = 0
     mean_snap_distance: float = 0.0
+    depth_lag: float = 0.0  # hull: how far the splats' rendered depth lies behind the outlines, along the normal (world units; 0: not measured)
     surface_method: str = "density"  # the surface method that ran ("hull" falls back to "density" without views)
     texture_source: str = "splats"  # "views": back-projected from the job's views; "splats": splat colours
     view_texels: float = 0.0  # share of covered texels coloured wholly by the views
@@ -209,6 +211,13 @@ def mesh_from_splats(
         report_progress(0.5, "meshing: fitting the outlines to the views")
         vertices = fit_outlines(vertices, faces, silhouettes.cameras, silhouettes.silhouettes, cancel)
         lap("outlines")
+    depth_lag = 0.0
+    if cfg.fit_depth and silhouettes is not None:
+        # After the outlines: their vertices lie on the true surface and measure the depth's lag.
+        report_progress(0.55, "meshing: fitting the surface to the views' depth")
+        vertices, lag = fit_depth(vertices, faces, silhouettes.cameras, silhouettes.silhouettes, silhouettes.depths, cancel)
+        depth_lag = lag if np.isfinite(lag) else 0.0
+        lap("depth_fit")
     check_cancel(cancel)
     snap_mean = 0.0
     if cfg.snap_to_splats and cfg.method == "density":  # the ridge is a density notion
@@ -264,6 +273,7 @@ def mesh_from_splats(
         uv_coverage=coverage,
         uv_overlap_texels=overlaps,
         mean_snap_distance=snap_mean,
+        depth_lag=depth_lag,
         texture_source=texture_source,
         view_texels=view_texels,
         stage_seconds=seconds,

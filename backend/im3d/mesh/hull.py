@@ -204,13 +204,14 @@ def carve_field(
     if open_hollows and down is not None:
         field = open_hidden_hollows(field, axes, voxel, viewmats, Ks, W, H, -down, clamp, cancel)
     values = field.numpy()
-    return values, DensityGrid(values=values, origin=origin, voxel=voxel), Silhouettes(cameras, silhouette)
+    return values, DensityGrid(values=values, origin=origin, voxel=voxel), Silhouettes(cameras, silhouette, depth)
 
 
 @dataclasses.dataclass
 class Silhouettes:
     cameras: Cameras  # the fitted views, at the silhouettes' size
     silhouettes: torch.Tensor  # [C, H, W] the mask or the splats' near-opaque coverage, edge at 1/2
+    depths: torch.Tensor  # [C, H, W] the splats' rendered median depth (camera z) where they cover the mask, inf elsewhere
 
 
 # The views lie to one side of the object when their mean unit direction from it is at least this

@@ -95,7 +95,7 @@ def fit_outlines(
     faces = np.asarray(faces, np.int64)
     if len(faces) == 0:
         return v
-    laplacian = _laplacian(faces, len(v))
+    laplacian = edge_laplacian(faces, len(v))
     faces_per_vertex = np.bincount(faces.ravel(), minlength=len(v))
     for _ in range(ROUNDS):
         normals = vertex_normals(v, faces)
@@ -114,12 +114,12 @@ def fit_outlines(
             for ends, moves in pool.map(view_moves, range(C)):
                 np.add.at(total, ends, moves)
                 np.add.at(weight, ends, 1.0)
-        shift = _smooth_moves(laplacian, weight, total / np.maximum(weight, 1e-12))
+        shift = smooth_moves(laplacian, weight, total / np.maximum(weight, 1e-12))
         v += normals * shift[:, None]
     return v
 
 
-def _smooth_moves(laplacian: sparse.csr_matrix, asks: np.ndarray, asked: np.ndarray) -> np.ndarray:
+def smooth_moves(laplacian: sparse.csr_matrix, asks: np.ndarray, asked: np.ndarray) -> np.ndarray:
     """[V] moves: the screened-Poisson blend above of the `asked` moves (weighted by how many
     views `asks` for each vertex); conjugate gradients (the matrix is symmetric positive definite
     and well conditioned: ANCHOR bounds it; a direct solve took 40 times longer at 160k vertices)."""
@@ -129,7 +129,7 @@ def _smooth_moves(laplacian: sparse.csr_matrix, asks: np.ndarray, asked: np.ndar
     return moves
 
 
-def _laplacian(faces: np.ndarray, num_vertices: int) -> sparse.csr_matrix:
+def edge_laplacian(faces: np.ndarray, num_vertices: int) -> sparse.csr_matrix:
     """[V, V] graph Laplacian of the mesh's edges (degree on the diagonal, -1 per neighbour)."""
     i = faces[:, [0, 1, 2, 1, 2, 0]].ravel()
     j = faces[:, [1, 2, 0, 0, 1, 2]].ravel()

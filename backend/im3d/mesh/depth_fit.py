@@ -1,0 +1,129 @@
+"""Pull the surface in to where the views' rendered depth, corrected by its own measured lag, puts it.
+
+    vertices, lag = fit_depth(vertices, faces, cameras, silhouettes, depths)
+
+Carving (hull.py) stops a margin in front of the splats' rendered depth, and the surface is the
+nearest of the views' carvings: the rendered depth lies behind the true surface by an amount that
+varies pixel to pixel, and a margin smaller than most of that variation lets one view eat the
+object. So wherever depth alone shapes the surface (a cow's flank, a bunny's side: what no
+silhouette shows), the mesh is left up to a margin *outside* the true surface, and the views'
+colours, baked onto it, land beside their places when seen from elsewhere (the checker edges
+that cost the cow a dB).
+
+This step asks all the views at once instead of the nearest. The lag of the rendered depth behind
+the true surface, along the normal, is about the same over one object (0.02-0.05 of the half-size:
+half-transparent Gaussians inside the surface paint it with their tails) and is measured on the
+object itself: at its outline in one view the mesh lies on the silhouette to a pixel - on the true
+surface - and the views facing that spot see how far behind it their depth lies. Each vertex then
+asks to move in by the median, over the views that face it and see it, of how far in front of
+their depth (less the lag) it lies; never out (the carving's bound stays), the outline vertices
+pinned, and the moves blended over the mesh like the outline fit's.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import numpy as np
+import torch
+
+from im3d.cameras import Cameras
+from im3d.errors import check_cancel
+from im3d.mesh.cleanup import vertex_normals
+from im3d.mesh.outlines import edge_laplacian, smooth_moves, signed_distance
+from im3d.mesh.zbuffer import bilinear, rasterize_triangles
+from im3d.splats.raster.cpu import num_threads
+
+# A view speaks for a vertex when the vertex faces it at least this much (cos of the angle between
+# the normal and the direction to the camera): grazing depth is the least reliable.
+FACING = 0.5
+# A vertex is on a view's outline when its normal is this close to across the view's ray (|cos|)
+# and its projection lies within OUTLINE_PIXELS of the silhouette's edge.
+ACROSS = 0.2
+OUTLINE_PIXELS = 1.0
+# Too few outline samples to measure the lag: the step is skipped.
+MIN_SAMPLES = 200
+# A vertex moves only when at least this many views agree on where its surface lies (one view's
+# stray depth cannot dig a pit).
+MIN_VIEWS = 2
+
+
+def fit_depth(
+    vertices: np.ndarray,  # [V, 3]
+    faces: np.ndarray,  # [F, 3] outward
+    cameras: Cameras,  # the fitted views
+    silhouettes: torch.Tensor | np.ndarray,  # [C, H, W] their silhouettes in [0, 1] (edge at 1/2), at cameras' size
+    depths: torch.Tensor | np.ndarray,  # [C, H, W] the splats' rendered (median) depth, camera z, inf where none
+    cancel: Callable[[], bool] | None = None,
+) -> tuple[np.ndarray, float]:
+    """([V, 3] vertices moved in along their normals, the measured lag in world units; nan when
+    there were too few outline samples to measure it and nothing moved)."""
+    silhouettes = silhouettes.numpy() if isinstance(silhouettes, torch.Tensor) else np.asarray(silhouettes)
+    depths = depths.numpy() if isinstance(depths, torch.Tensor) else np.asarray(depths)
+    v = np.asarray(vertices, np.float64).copy()
+    faces = np.asarray(faces, np.int64)
+    C, H, W = silhouettes.shape
+    if len(faces) == 0 or C < 2:
+        return v, float("nan")
+    normals = vertex_normals(v, faces)
+    viewmats, Ks = cameras.viewmats.double().numpy(), cameras.Ks.double().numpy()
+
+    def per_view(c: int) -> tuple[np.ndarray, np.ndarray]:
+        check_cancel(cancel)
+        return _view_samples(v, faces, normals, viewmats[c], Ks[c], W, H, silhouettes[c], depths[c])
+
+    # Views on threads (the rasteriser releases the GIL), stacked in view order.
+    with ThreadPoolExecutor(max(1, min(num_threads(), C))) as pool:
+        per_views = list(pool.map(per_view, range(C)))
+    behind = np.stack([p[0] for p in per_views])  # [C, V] along the normal, nan where the view does not speak
+    on_outline = np.stack([p[1] for p in per_views])  # [C, V]
+
+    # 1. The lag: how far behind the vertices on some *other* view's outline the views' depth lies.
+    outline_count = on_outline.sum(axis=0)
+    at_outlines = behind[(outline_count[None] - on_outline) > 0]
+    at_outlines = at_outlines[np.isfinite(at_outlines)]
+    if len(at_outlines) < MIN_SAMPLES:
+        return v, float("nan")
+    lag = float(np.median(at_outlines))
+
+    # 2. Each vertex asks to move in by the median, over the views that see it, of how far in
+    #    front of their depth less the lag it lies (never out); outline vertices ask to stay.
+    speaks = np.isfinite(behind).sum(axis=0) >= MIN_VIEWS
+    asked = np.zeros(len(v))
+    if speaks.any():
+        asked[speaks] = np.clip(np.nanmedian(behind[:, speaks], axis=0) - lag, 0.0, None)
+    pinned = outline_count > 0
+    asked[pinned] = 0.0
+    moves = smooth_moves(edge_laplacian(faces, len(v)), (speaks | pinned).astype(np.float64), asked)
+    return v - normals * moves[:, None], lag
+
+
+def _view_samples(v, faces, normals, viewmat, K, W, H, silhouette, depth):
+    """([V] how far behind each vertex the view's depth lies, along the normal, nan where the view
+    does not see it facing; [V] bool, the vertex is on the view's outline)."""
+    R, t = viewmat[:3, :3], viewmat[:3, 3]
+    eye = -R.T @ t
+    cam = v @ R.T + t
+    z = cam[:, 2]
+    ahead = z > 1e-6
+    zs = np.where(ahead, z, 1.0)
+    u, w = K[0, 0] * cam[:, 0] / zs + K[0, 2], K[1, 1] * cam[:, 1] / zs + K[1, 2]
+    to_eye = eye[None] - v
+    distance = np.linalg.norm(to_eye, axis=1)
+    cos = np.einsum("ij,ij->i", normals, to_eye) / np.maximum(distance, 1e-12)
+    inside = ahead & (u >= 0) & (u < W) & (w >= 0) & (w < H)
+    px = np.clip(np.floor(u).astype(np.int64), 0, W - 1)
+    py = np.clip(np.floor(w).astype(np.int64), 0, H - 1)
+    # Outline: across the ray and on the silhouette's edge.
+    edge = bilinear(signed_distance(silhouette)[..., None], np.stack([u / W, w / H], axis=-1))[:, 0]
+    on_outline = inside & (np.abs(cos) < ACROSS) & (np.abs(edge) <= OUTLINE_PIXELS)
+    # Seen: not behind another part of the mesh (two pixels' depth).
+    hits = rasterize_triangles(v, faces, viewmat, K, W, H)
+    front = hits.depth[py, px]
+    seen = inside & (cos > FACING) & np.isfinite(front) & (z <= front + 2.0 * zs / K[0, 0])
+    rendered = depth[py, px]
+    seen &= np.isfinite(rendered)
+    # Camera z to distance along the ray (x |cam| / z), then along the normal (x cos).
+    behind = np.where(seen, (rendered - zs) * np.linalg.norm(cam, axis=1) / zs * cos, np.nan)
+    return behind, on_outline

@@ -1,0 +1,119 @@
+"""The surface is pulled in to the views' depth less its own measured lag (mesh/depth_fit.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from im3d.cameras import orbit_cameras
+from im3d.errors import Cancelled
+from im3d.mesh.cleanup import vertex_normals
+from im3d.mesh.depth_fit import fit_depth
+from im3d.mesh.zbuffer import rasterize_triangles, render_unlit
+
+SIZE = 96
+RADIUS = 0.4
+LAG = 0.015  # how far behind the true surface the "splats'" depth lies, along the normal
+DENT = 0.06  # depth of a dimple no silhouette shows
+DENT_AXIS = np.array([np.cos(np.radians(30.0)), 0.0, np.sin(np.radians(30.0))])  # 30° up, towards +x
+DENT_ANGLE = np.radians(25.0)
+
+
+def _cameras():
+    rings = [orbit_cameras(8, elevation_deg=e, radius=1.7, fov_deg=40.0, width=SIZE, azimuth_start_deg=22.5 * r) for r, e in enumerate((15.0, 45.0))]
+    return dataclasses.replace(rings[0], viewmats=torch.cat([r.viewmats for r in rings]), Ks=torch.cat([r.Ks for r in rings]))
+
+
+def _dented_sphere() -> trimesh.Trimesh:
+    sphere = trimesh.creation.icosphere(subdivisions=5, radius=RADIUS)
+    directions = sphere.vertices / np.linalg.norm(sphere.vertices, axis=1, keepdims=True)
+    angle = np.arccos(np.clip(directions @ DENT_AXIS, -1, 1))
+    depth = np.where(angle < DENT_ANGLE, DENT * np.cos(0.5 * np.pi * angle / DENT_ANGLE) ** 2, 0.0)
+    return trimesh.Trimesh(directions * (RADIUS - depth)[:, None], sphere.faces, process=False)
+
+
+def _views(truth: trimesh.Trimesh, cameras, lag: float = LAG):
+    """Silhouettes of the truth (anti-aliased) and the depth of its surface moved `lag` inward."""
+    white = lambda face, bary, points: np.ones((len(face), 3))  # noqa: E731
+    behind = truth.vertices - lag * vertex_normals(truth.vertices, truth.faces)
+    silhouettes, depths = [], []
+    for i in range(len(cameras)):
+        viewmat, K = cameras.viewmats[i].numpy(), cameras.Ks[i].numpy()
+        silhouettes.append(render_unlit(truth.vertices, truth.faces, white, viewmat, K, SIZE, SIZE)[1][..., 0])
+        depths.append(rasterize_triangles(behind, truth.faces, viewmat, K, SIZE, SIZE).depth)
+    return np.stack(silhouettes), np.stack(depths)
+
+
+def _distance_to(truth: trimesh.Trimesh, points: np.ndarray) -> np.ndarray:
+    """[P] distance of each point to the dented sphere (radially: exact enough for these shapes)."""
+    directions = points / np.linalg.norm(points, axis=1, keepdims=True)
+    angle = np.arccos(np.clip(directions @ DENT_AXIS, -1, 1))
+    surface = RADIUS - np.where(angle < DENT_ANGLE, DENT * np.cos(0.5 * np.pi * angle / DENT_ANGLE) ** 2, 0.0)
+    return np.linalg.norm(points, axis=1) - surface
+
+
+def test_a_dimple_no_silhouette_shows_is_pulled_in_and_the_lag_is_measured():
+    """The hull of a dented sphere is the sphere (fat over the dimple by up to 0.06); the views'
+    depth lies 0.015 behind the truth. The lag is measured at the outlines, and the dimple's
+    surface moves in (a quarter of the way: measured 0.044 -> 0.033 on average - the move is the
+    depth difference along each view's ray projected on the normal, short of the bowl's slanted
+    wall, and blended over the mesh), while the rest of the sphere stays where it is."""
+    cameras = _cameras()
+    truth = _dented_sphere()
+    silhouettes, depths = _views(truth, cameras)
+    hull = trimesh.creation.icosphere(subdivisions=4, radius=RADIUS)
+    fitted, lag = fit_depth(hull.vertices, hull.faces, cameras, silhouettes, depths)
+    print(f"lag {lag:.4f}")
+    assert abs(lag - LAG) < 0.2 * LAG, lag
+    before, after = _distance_to(truth, hull.vertices), _distance_to(truth, fitted)
+    dimple = before > 0.5 * DENT  # the hull's vertices well outside the truth
+    assert dimple.sum() > 20
+    print(f"dimple: before {before[dimple].mean():.4f}, after {after[dimple].mean():.4f}; elsewhere max |after| {np.abs(after[before < 0.005]).max():.4f}")
+    assert after[dimple].mean() < 0.85 * before[dimple].mean()
+    assert (after[dimple] <= before[dimple] + 1e-9).all()  # in, never out
+    assert after.min() > -0.25 * DENT  # nothing dug far into the object
+    elsewhere = before < 0.005  # already on the truth
+    assert np.abs(after[elsewhere]).mean() < 0.004
+
+
+def test_a_surface_that_matches_its_views_depth_stays_where_it_is():
+    """The truth itself, with its depth lagging everywhere by the same amount: nothing asks to move."""
+    cameras = _cameras()
+    truth = _dented_sphere()
+    silhouettes, depths = _views(truth, cameras)
+    fitted, lag = fit_depth(truth.vertices, truth.faces, cameras, silhouettes, depths)
+    assert abs(lag - LAG) < 0.2 * LAG
+    assert np.linalg.norm(fitted - truth.vertices, axis=1).max() < 0.25 * LAG
+
+
+def test_a_larger_lag_is_measured_as_such_and_moves_nothing_more():
+    """The lag is the object's own (a fit whose depth lags 0.03 is not pulled in twice as far)."""
+    cameras = _cameras()
+    truth = _dented_sphere()
+    silhouettes, depths = _views(truth, cameras, lag=2 * LAG)
+    fitted, lag = fit_depth(truth.vertices, truth.faces, cameras, silhouettes, depths)
+    assert abs(lag - 2 * LAG) < 0.2 * 2 * LAG
+    assert np.linalg.norm(fitted - truth.vertices, axis=1).max() < 0.5 * LAG
+
+
+def test_without_outlines_to_measure_the_lag_nothing_moves():
+    """Views whose silhouettes the mesh does not touch (no outline samples): no lag, no move."""
+    cameras = _cameras()
+    truth = _dented_sphere()
+    silhouettes, depths = _views(truth, cameras)
+    far = trimesh.creation.icosphere(subdivisions=3, radius=0.3)  # well inside every silhouette
+    fitted, lag = fit_depth(far.vertices, far.faces, cameras, silhouettes, depths)
+    assert np.isnan(lag)
+    assert np.array_equal(fitted, far.vertices)
+
+
+def test_fitting_depth_can_be_cancelled():
+    cameras = _cameras()
+    truth = _dented_sphere()
+    silhouettes, depths = _views(truth, cameras)
+    with pytest.raises(Cancelled):
+        fit_depth(truth.vertices, truth.faces, cameras, silhouettes, depths, cancel=lambda: True)
