@@ -534,6 +534,8 @@ def test_a_shallow_hollow_no_silhouette_shows_is_carved():
     assert contains(before.vertices, before.faces, np.array(in_the_pocket)) == [True] * 2
     fitted = mesh_from_splats(splats, MeshConfig(**{**MESH, "depth_margin": 0.15}), views=views)
     assert contains(fitted.vertices, fitted.faces, np.array(in_the_pocket + material)) == [False] * 2 + [True] * 3
+    assert 0.01 < fitted.report.depth_lag < 0.04  # measured 0.025: splats on the surface, their depth lags by about their size
+    assert before.report.depth_lag == 0.0  # not measured when the step is off
 
 
 def test_carving_margin_is_capped_by_a_thin_parts_half_width_only():
