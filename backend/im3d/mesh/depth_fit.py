@@ -103,15 +103,13 @@ def _view_samples(v, faces, normals, viewmat, K, W, H, silhouette, depth):
     """([V] how far behind each vertex the view's depth lies, along the normal, nan where the view
     does not see it facing; [V] bool, the vertex is on the view's outline)."""
     R, t = viewmat[:3, :3], viewmat[:3, 3]
-    eye = -R.T @ t
     cam = v @ R.T + t
     z = cam[:, 2]
     ahead = z > 1e-6
     zs = np.where(ahead, z, 1.0)
     u, w = K[0, 0] * cam[:, 0] / zs + K[0, 2], K[1, 1] * cam[:, 1] / zs + K[1, 2]
-    to_eye = eye[None] - v
-    distance = np.linalg.norm(to_eye, axis=1)
-    cos = np.einsum("ij,ij->i", normals, to_eye) / np.maximum(distance, 1e-12)
+    ray = np.maximum(np.linalg.norm(cam, axis=1), 1e-12)  # the vertex's distance from the camera
+    cos = -np.einsum("ij,ij->i", normals @ R.T, cam) / ray  # normal . direction to the camera
     inside = ahead & (u >= 0) & (u < W) & (w >= 0) & (w < H)
     px = np.clip(np.floor(u).astype(np.int64), 0, W - 1)
     py = np.clip(np.floor(w).astype(np.int64), 0, H - 1)
@@ -125,5 +123,5 @@ def _view_samples(v, faces, normals, viewmat, K, W, H, silhouette, depth):
     rendered = depth[py, px]
     seen &= np.isfinite(rendered)
     # Camera z to distance along the ray (x |cam| / z), then along the normal (x cos).
-    behind = np.where(seen, (rendered - zs) * np.linalg.norm(cam, axis=1) / zs * cos, np.nan)
+    behind = np.where(seen, (rendered - zs) * ray / zs * cos, np.nan)
     return behind, on_outline
