@@ -432,6 +432,51 @@ def test_standing_is_judged_against_how_the_views_graze_the_lowest_seen_point():
     assert _stands_on_a_base(sections, 0.28, low)
     assert not _stands_on_a_base(sections, 0.28, high)
 
+def _tapered_block() -> trimesh.Trimesh:
+    """A block 0.8 x 0.6 at its top, narrowing by 0.26 per height to 0.54 x 0.34 at its base, 0.5 below."""
+    top = [(x, y, 0.25) for x in (-0.4, 0.4) for y in (-0.3, 0.3)]
+    bottom = [(x, y, -0.25) for x in (-0.27, 0.27) for y in (-0.17, 0.17)]
+    return trimesh.convex.convex_hull(np.array(top + bottom))
+
+
+def test_walls_facing_the_views_just_above_the_lowest_seen_point_stand_on_a_base():
+    """From a ring of views 15° up, the surface just above the lowest seen point faces the views
+    where walls end at a base's edge (a box, seen square and corner-on; a block narrowing toward
+    its base, as a round underside's sections do; a standing cylinder), and is seen grazing on a
+    round underside's limb (a sphere, a lying capsule, a torus)."""
+    from im3d.mesh.hull import WALL_FACING, _facing_at_the_lowest_seen, _lowest_seen_level
+    from im3d.mesh.zbuffer import rasterize_triangles
+
+    size = 96
+    cams = orbit_cameras(8, elevation_deg=15.0, radius=1.7, fov_deg=40.0, width=size)  # views 1, 3, 5, 7 see the box corner-on
+    down = torch.tensor([0.0, 0.0, -1.0])
+    capsule = trimesh.creation.capsule(height=0.5, radius=0.2)
+    capsule.apply_transform(trimesh.transformations.rotation_matrix(np.pi / 2, [0, 1, 0]))
+    standing = {
+        "box": trimesh.creation.box(extents=(0.8, 0.6, 0.5)),
+        "tapered block": _tapered_block(),
+        "cylinder": trimesh.creation.cylinder(radius=0.35, height=0.5, sections=64),
+    }
+    round_ = {
+        "sphere": trimesh.creation.icosphere(subdivisions=4, radius=0.4),
+        "capsule": capsule,
+        "torus": trimesh.creation.torus(major_radius=0.3, minor_radius=0.12),
+    }
+    facing = {}
+    for name, mesh in {**standing, **round_}.items():
+        depth = np.stack([
+            rasterize_triangles(mesh.vertices, mesh.faces, cams.viewmats[i].numpy(), cams.Ks[i].numpy(), size, size).depth
+            for i in range(len(cams))
+        ])  # fmt: skip
+        depth = torch.from_numpy(np.where(np.isfinite(depth), depth, np.inf)).float()
+        level = _lowest_seen_level(depth, cams.viewmats.float(), cams.Ks.float(), down)
+        if name in standing:  # seen down to its base's edge (a round underside: to a limb above its bottom)
+            assert level == pytest.approx(float(-mesh.bounds[0, 2]), abs=0.02), name
+        facing[name] = _facing_at_the_lowest_seen(depth, cams.viewmats.float(), cams.Ks.float(), down, level, 0.03)
+    assert all(facing[name] >= WALL_FACING + 0.1 for name in standing), facing
+    assert all(facing[name] <= WALL_FACING - 0.05 for name in round_), facing
+
+
 @pytest.mark.parametrize("shape", ["sphere", "capsule", "torus"])
 def test_rounded_underside_continues_the_sides_curve(shape):
     """Field-level check of the closure under a round underside: a shape's own field above the

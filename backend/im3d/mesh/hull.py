@@ -33,9 +33,10 @@ the splats' density surface follows that. So the views decide first and the spla
    can see or carve (a quarter of the radius deep from 15° up: the mug's and the wedge's worst
    error, F 0.86 / 0.71). When the views lie to one side (their mean direction from the object
    is not ~0) and surround it (no gap over 120° around that direction), and the object stands on
-   a base there (its sections narrow toward the lowest seen point well below the slope at which
-   the views would graze a limb there, or its section there is most of its width), everything
-   beyond the lowest point any view *sees* - the splats' rendered surface, back-projected, its
+   a base there (the views see walls facing them just above the lowest seen point, where a round
+   underside's limb is seen grazing; or its sections narrow toward that point well below the
+   slope at which the views would graze a limb there; or its section there is most of its
+   width), everything beyond the lowest point any view *sees* - the splats' rendered surface, back-projected, its
    99.9th percentile - is cut flat (F 0.97 / 0.94). Under a round object the lowest seen point
    lies well above its bottom (0.3 radii under a sphere seen from 20° up and 1.7 away): there the
    section is eroded below it as the circle through it and a section a little higher says (a
@@ -193,7 +194,9 @@ def carve_field(
         height = axes[0][:, None, None] * down[0] + axes[1][None, :, None] * down[1] + axes[2][None, None, :] * down[2]
         sections = _Sections.of(field[::stride, ::stride, ::stride], height[::stride, ::stride, ::stride], down, voxel * stride)
     if sections is not None:
-        if _stands_on_a_base(sections, level, _grazing_slope(viewmats, centre, down, level)):
+        band = LEVEL_BAND * 0.5 * voxel * (max(shape) - 1)
+        walls = _facing_at_the_lowest_seen(depth, viewmats, Ks, down, level, band) >= WALL_FACING
+        if walls or _stands_on_a_base(sections, level, _grazing_slope(viewmats, centre, down, level)):
             field = torch.minimum(field, (level - height).clamp(-clamp, clamp))
         else:  # a round underside: closed as the sides curve in, not as the hull's cone
             cap = _rounded_underside(sections, level, height, stride)
@@ -228,11 +231,25 @@ ONE_SIDED_VIEWS = 0.1
 # wedge, table, homer ~0 or below, bunny (a rounded lip at its feet) 0.21; round - a sphere seen
 # from 20° up and 1.7 away 0.37, torus 0.69, bumpy 0.73, sphere 0.80, bowl 0.86, capsule 0.88. An
 # absolute slope of 0.4 (a share of 0.13-0.22 of these) left the bunny the hull's closure (2.6 dB,
-# F 0.03 lost). A teapot's body bulging over a base 3/4 its width (0.39) reads as round and keeps
-# the closure too (1 dB, F 0.09 lost): over a few slices its sides narrow as a sphere's do.
+# F 0.03 lost). A teapot's body bulging over a base 3/4 its width (0.39) reads as round by its
+# sections (over a few slices its sides narrow as a sphere's do); the walls below take it.
 WIDE_BASE = 0.7
 STANDING_SLOPE = 0.3
 BASE_RISE = 0.05
+# ... or where the views see the surface just above the lowest seen point facing them: the median
+# |cos| between their rays and its normal (from the rendered depth), within LEVEL_BAND of the
+# grid's half-size above that point, is at least WALL_FACING. A limb is seen grazing, and the
+# band above it reaches only surface still seen at a slant where the underside's curve is wide
+# (a curve tighter than the band - a knot's tube - reads as an edge, and the cut at its lowest
+# seen point then errs by less than the band). Measured on the bench fits (docs/benchmarks.md,
+# "Walls at the lowest seen point"), from a ring 15° up: round - bowl 0.09, sphere 0.10, bumpy
+# 0.11, capsule 0.18, torus 0.22, vase 0.29, quadknot 0.34, nefertiti 0.36 (a bust on a round
+# foot); walls over a base - teapot 0.44 (a body bulging over a base 3/4 its width, whose sections
+# narrow as a sphere's: F 0.880 -> 0.969 with the flat cut), a block with slanted sides and a
+# groove along its base 0.69 (read as round by its sections: F 0.726 -> 0.810), mug 0.80, chair
+# 0.81; from 30° up bowl 0.28, sphere 0.09, mug 0.78.
+WALL_FACING = 0.4
+LEVEL_BAND = 0.05
 # The views surround the object when no two neighbours around the down axis are further apart.
 MAX_AZIMUTH_GAP = math.radians(120.0)
 # The lowest seen point is this quantile of the seen points' heights (a stray pixel cannot lower the cut much).
@@ -269,21 +286,59 @@ def _lowest_seen_level(
     down: torch.Tensor,  # [3]
 ) -> float | None:
     """The furthest seen point along `down` (the splats' rendered surface back-projected); None when nothing is seen."""
-    R, t = viewmats[:, :3, :3], viewmats[:, :3, 3]
-    C, H, W = depth.shape
-    v, u = torch.meshgrid(torch.arange(H, dtype=torch.float32) + 0.5, torch.arange(W, dtype=torch.float32) + 0.5, indexing="ij")
-    heights = []
-    for c in range(C):
-        seen = torch.isfinite(depth[c])
-        if not bool(seen.any()):
-            continue
-        z = depth[c][seen]
-        cam = torch.stack([(u[seen] - Ks[c, 0, 2]) / Ks[c, 0, 0] * z, (v[seen] - Ks[c, 1, 2]) / Ks[c, 1, 1] * z, z], dim=-1)
-        world = (cam - t[c]) @ R[c]  # R^T (x - t), row-wise
-        heights.append(world @ down)
-    if not heights:
+    heights = [(_camera_points(depth[c], Ks[c]) - viewmats[c, :3, 3]) @ viewmats[c, :3, :3] @ down for c in range(len(depth))]
+    seen = torch.cat([h[torch.isfinite(d)] for h, d in zip(heights, depth)])
+    if len(seen) == 0:
         return None
-    return float(np.quantile(torch.cat(heights).numpy(), LOWEST_SEEN_QUANTILE))
+    return float(np.quantile(seen.numpy(), LOWEST_SEEN_QUANTILE))
+
+
+def _camera_points(
+    depth: torch.Tensor,  # [H, W] camera z (inf: not covered)
+    K: torch.Tensor,  # [3, 3]
+) -> torch.Tensor:
+    """[H, W, 3] each pixel's centre back-projected to its depth, in camera coordinates."""
+    H, W = depth.shape
+    v, u = torch.meshgrid(torch.arange(H, dtype=torch.float32) + 0.5, torch.arange(W, dtype=torch.float32) + 0.5, indexing="ij")
+    return torch.stack([(u - K[0, 2]) / K[0, 0] * depth, (v - K[1, 2]) / K[1, 1] * depth, depth], dim=-1)
+
+
+def _facing_at_the_lowest_seen(
+    depth: torch.Tensor,  # [C, H, W] camera z of the rendered surface (inf: not covered)
+    viewmats: torch.Tensor,  # [C, 4, 4]
+    Ks: torch.Tensor,  # [C, 3, 3]
+    down: torch.Tensor,  # [3]
+    level: float,  # the lowest seen level along `down`
+    band: float,  # world units above it
+) -> float:
+    """Median |cos| between the views' rays and the rendered surface's normal (from the depth's
+    differences across neighbouring pixels, one-sided beside uncovered ones) at the seen points
+    within `band` above `level`; 0 when there are none. Walls above a base's edge face the views
+    there; a round underside's limb is seen grazing."""
+    cosines = []
+    for c in range(len(depth)):
+        points = _camera_points(depth[c], Ks[c])  # [H, W, 3]
+        seen = torch.isfinite(depth[c])
+        height = (points - viewmats[c, :3, 3]) @ viewmats[c, :3, :3] @ down
+        v, u = torch.nonzero(seen & (height > level - band), as_tuple=True)  # the few pixels near the level
+        H, W = seen.shape
+        tangents = []
+        for dv, du in ((0, 1), (1, 0)):  # along rows, along columns
+            ends = []
+            for sign in (1, -1):
+                nv, nu = (v + sign * dv).clamp(0, H - 1), (u + sign * du).clamp(0, W - 1)
+                has = seen[nv, nu] & (nv == v + sign * dv) & (nu == u + sign * du)
+                ends.append((torch.where(has[:, None], points[nv, nu], points[v, u]), has))
+            (ahead, has_ahead), (behind, has_behind) = ends
+            tangents.append(ahead - behind)
+            keep = has_ahead | has_behind
+            v, u, tangents = v[keep], u[keep], [t[keep] for t in tangents]
+        normal = torch.nn.functional.normalize(torch.linalg.cross(tangents[0], tangents[1]), dim=-1)
+        ray = torch.nn.functional.normalize(points[v, u], dim=-1)
+        cosines.append((normal * ray).sum(-1).abs())
+    cosines = torch.cat(cosines)
+    cosines = cosines[torch.isfinite(cosines)]
+    return float(cosines.median()) if len(cosines) else 0.0
 
 
 @dataclasses.dataclass
