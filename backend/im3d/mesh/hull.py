@@ -36,10 +36,10 @@ the splats' density surface follows that. So the views decide first and the spla
    a base there (the views see walls facing them just above the lowest seen point, where a round
    underside's limb is seen grazing; or its sections narrow toward that point well below the
    slope at which the views would graze a limb there; or its section there is most of its
-   width), everything beyond the lowest point any view *sees* - the splats' rendered surface, back-projected, its
-   99.9th percentile - is cut flat (F 0.97 / 0.94). Under a round object the lowest seen point
-   lies well above its bottom (0.3 radii under a sphere seen from 20° up and 1.7 away): there the
-   section is eroded below it as the circle through it and a section a little higher says (a
+   width), everything beyond the lowest point any view *sees* - the splats' rendered surface,
+   back-projected, its 99.9th percentile - is cut flat (F 0.97 / 0.94). Under a round object the
+   lowest seen point lies well above its bottom (0.3 radii under a sphere seen from 20° up and 1.7
+   away): there the section is eroded below it as the circle through it and a section a little higher says (a
    sphere, a lying capsule: exact), which closes it near its true bottom where the hull's cone
    hung 0.1-0.2 radii lower. Views all round the object, or from one side only, leave the hull's
    closure.
