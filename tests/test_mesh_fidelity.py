@@ -254,7 +254,7 @@ def test_a_round_underside_closes_as_its_sides_curve_in():
 def test_views_all_round_the_object_cut_nothing_flat():
     """With views below as well as above, the hull sees the underside itself: no flat cut; nor with
     views from one side only."""
-    from im3d.mesh.hull import _down_direction, _lowest_seen_level
+    from im3d.mesh.hull import _back_projected, _down_direction, _lowest_seen_level
 
     def down_for(elevations):
         return _down_direction(render_cameras(elevations).viewmats.float(), np.zeros(3))
@@ -263,7 +263,7 @@ def test_views_all_round_the_object_cut_nothing_flat():
     assert above is not None and torch.allclose(above, torch.tensor([0.0, 0.0, -1.0]), atol=1e-4), above
     cams = render_cameras((20.0, 50.0))
     depth = torch.full((len(cams), 4, 4), 1.7)  # every pixel sees something
-    assert _lowest_seen_level(depth, cams.viewmats.float(), cams.Ks.float(), above) is not None
+    assert _lowest_seen_level(depth, _back_projected(depth, cams.viewmats.float(), cams.Ks.float(), above)[1]) is not None
     assert down_for((30.0, -30.0)) is None
     below = down_for((-25.0,))  # a ring below: "down" is up
     assert below is not None and float(below[2]) > 0.99, below
@@ -444,7 +444,7 @@ def test_walls_facing_the_views_just_above_the_lowest_seen_point_stand_on_a_base
     where walls end at a base's edge (a box, seen square and corner-on; a block narrowing toward
     its base, as a round underside's sections do; a standing cylinder), and is seen grazing on a
     round underside's limb (a sphere, a lying capsule, a torus)."""
-    from im3d.mesh.hull import WALL_FACING, _facing_at_the_lowest_seen, _lowest_seen_level
+    from im3d.mesh.hull import WALL_FACING, _back_projected, _facing_at_the_lowest_seen, _lowest_seen_level
     from im3d.mesh.zbuffer import rasterize_triangles
 
     size = 96
@@ -469,10 +469,11 @@ def test_walls_facing_the_views_just_above_the_lowest_seen_point_stand_on_a_base
             for i in range(len(cams))
         ])  # fmt: skip
         depth = torch.from_numpy(np.where(np.isfinite(depth), depth, np.inf)).float()
-        level = _lowest_seen_level(depth, cams.viewmats.float(), cams.Ks.float(), down)
+        points, heights = _back_projected(depth, cams.viewmats.float(), cams.Ks.float(), down)
+        level = _lowest_seen_level(depth, heights)
         if name in standing:  # seen down to its base's edge (a round underside: to a limb above its bottom)
             assert level == pytest.approx(float(-mesh.bounds[0, 2]), abs=0.02), name
-        facing[name] = _facing_at_the_lowest_seen(depth, cams.viewmats.float(), cams.Ks.float(), down, level, 0.03)
+        facing[name] = _facing_at_the_lowest_seen(depth, points, heights, level, 0.03)
     assert all(facing[name] >= WALL_FACING + 0.1 for name in standing), facing
     assert all(facing[name] <= WALL_FACING - 0.05 for name in round_), facing
 

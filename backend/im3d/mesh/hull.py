@@ -39,9 +39,9 @@ the splats' density surface follows that. So the views decide first and the spla
    width), everything beyond the lowest point any view *sees* - the splats' rendered surface,
    back-projected, its 99.9th percentile - is cut flat (F 0.97 / 0.94). Under a round object the
    lowest seen point lies well above its bottom (0.3 radii under a sphere seen from 20° up and 1.7
-   away): there the section is eroded below it as the circle through it and a section a little higher says (a
-   sphere, a lying capsule: exact), which closes it near its true bottom where the hull's cone
-   hung 0.1-0.2 radii lower. Views all round the object, or from one side only, leave the hull's
+   away): there the section is eroded below it as the circle through it and a section a little
+   higher says (a sphere, a lying capsule: exact), which closes it near its true bottom where the
+   hull's cone hung 0.1-0.2 radii lower. Views all round the object, or from one side only, leave the hull's
    closure.
 
 4. **Hidden hollows** (`hollows.py`): a bowl's inside below the rays that graze its rim is seen
@@ -185,7 +185,8 @@ def carve_field(
     # 3. The unseen underside: flat beyond the lowest seen point, away from the cameras.
     centre = origin + 0.5 * voxel * (np.asarray(shape) - 1)
     down = _down_direction(viewmats, centre)
-    level = _lowest_seen_level(depth, viewmats, Ks, down) if flat_underside and down is not None else None
+    seen_points = _back_projected(depth, viewmats, Ks, down) if flat_underside and down is not None else None
+    level = _lowest_seen_level(depth, seen_points[1]) if seen_points is not None else None
     # (sections on a grid of at most 128 a side: a fill per slice costs ~3 ms, and at 256³ the
     # argsort of millions of inside points was a second)
     stride = max(1, math.ceil(max(shape) / 128))
@@ -195,7 +196,7 @@ def carve_field(
         sections = _Sections.of(field[::stride, ::stride, ::stride], height[::stride, ::stride, ::stride], down, voxel * stride)
     if sections is not None:
         band = LEVEL_BAND * 0.5 * voxel * (max(shape) - 1)
-        walls = _facing_at_the_lowest_seen(depth, viewmats, Ks, down, level, band) >= WALL_FACING
+        walls = _facing_at_the_lowest_seen(depth, *seen_points, level, band) >= WALL_FACING
         if walls or _stands_on_a_base(sections, level, _grazing_slope(viewmats, centre, down, level)):
             field = torch.minimum(field, (level - height).clamp(-clamp, clamp))
         else:  # a round underside: closed as the sides curve in, not as the hull's cone
@@ -281,35 +282,37 @@ def _down_direction(
     return down
 
 
-def _lowest_seen_level(
+def _back_projected(
     depth: torch.Tensor,  # [C, H, W] camera z of the rendered surface (inf: not covered)
     viewmats: torch.Tensor,  # [C, 4, 4]
     Ks: torch.Tensor,  # [C, 3, 3]
     down: torch.Tensor,  # [3]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """([C, H, W, 3] each pixel's centre back-projected to its depth, camera coordinates; [C, H, W]
+    its height along `down`, world units). Not finite where the pixel is not covered."""
+    C, H, W = depth.shape
+    v, u = torch.meshgrid(torch.arange(H, dtype=torch.float32) + 0.5, torch.arange(W, dtype=torch.float32) + 0.5, indexing="ij")
+    f, centre = Ks[:, [0, 1], [0, 1]][:, None, None, :], Ks[:, [0, 1], [2, 2]][:, None, None, :]  # [C, 1, 1, 2]
+    points = torch.cat([(torch.stack([u, v], dim=-1) - centre) / f * depth[..., None], depth[..., None]], dim=-1)
+    world = torch.einsum("chwi,cij->chwj", points - viewmats[:, None, None, :3, 3], viewmats[:, :3, :3])  # R^T (x - t)
+    return points, world @ down
+
+
+def _lowest_seen_level(
+    depth: torch.Tensor,  # [C, H, W] camera z of the rendered surface (inf: not covered)
+    heights: torch.Tensor,  # [C, H, W] its pixels' heights along `down` (_back_projected)
 ) -> float | None:
     """The furthest seen point along `down` (the splats' rendered surface back-projected); None when nothing is seen."""
-    heights = [(_camera_points(depth[c], Ks[c]) - viewmats[c, :3, 3]) @ viewmats[c, :3, :3] @ down for c in range(len(depth))]
-    seen = torch.cat([h[torch.isfinite(d)] for h, d in zip(heights, depth)])
+    seen = heights[torch.isfinite(depth)]
     if len(seen) == 0:
         return None
     return float(np.quantile(seen.numpy(), LOWEST_SEEN_QUANTILE))
 
 
-def _camera_points(
-    depth: torch.Tensor,  # [H, W] camera z (inf: not covered)
-    K: torch.Tensor,  # [3, 3]
-) -> torch.Tensor:
-    """[H, W, 3] each pixel's centre back-projected to its depth, in camera coordinates."""
-    H, W = depth.shape
-    v, u = torch.meshgrid(torch.arange(H, dtype=torch.float32) + 0.5, torch.arange(W, dtype=torch.float32) + 0.5, indexing="ij")
-    return torch.stack([(u - K[0, 2]) / K[0, 0] * depth, (v - K[1, 2]) / K[1, 1] * depth, depth], dim=-1)
-
-
 def _facing_at_the_lowest_seen(
     depth: torch.Tensor,  # [C, H, W] camera z of the rendered surface (inf: not covered)
-    viewmats: torch.Tensor,  # [C, 4, 4]
-    Ks: torch.Tensor,  # [C, 3, 3]
-    down: torch.Tensor,  # [3]
+    points: torch.Tensor,  # [C, H, W, 3] its pixels back-projected, camera coordinates (_back_projected)
+    heights: torch.Tensor,  # [C, H, W] their heights along `down`
     level: float,  # the lowest seen level along `down`
     band: float,  # world units above it
 ) -> float:
@@ -317,28 +320,24 @@ def _facing_at_the_lowest_seen(
     differences across neighbouring pixels, one-sided beside uncovered ones) at the seen points
     within `band` above `level`; 0 when there are none. Walls above a base's edge face the views
     there; a round underside's limb is seen grazing."""
-    cosines = []
-    for c in range(len(depth)):
-        points = _camera_points(depth[c], Ks[c])  # [H, W, 3]
-        seen = torch.isfinite(depth[c])
-        height = (points - viewmats[c, :3, 3]) @ viewmats[c, :3, :3] @ down
-        v, u = torch.nonzero(seen & (height > level - band), as_tuple=True)  # the few pixels near the level
-        H, W = seen.shape
-        tangents = []
-        for dv, du in ((0, 1), (1, 0)):  # along rows, along columns
-            ends = []
-            for sign in (1, -1):
-                nv, nu = (v + sign * dv).clamp(0, H - 1), (u + sign * du).clamp(0, W - 1)
-                has = seen[nv, nu] & (nv == v + sign * dv) & (nu == u + sign * du)
-                ends.append((torch.where(has[:, None], points[nv, nu], points[v, u]), has))
-            (ahead, has_ahead), (behind, has_behind) = ends
-            tangents.append(ahead - behind)
-            keep = has_ahead | has_behind
-            v, u, tangents = v[keep], u[keep], [t[keep] for t in tangents]
-        normal = torch.nn.functional.normalize(torch.linalg.cross(tangents[0], tangents[1]), dim=-1)
-        ray = torch.nn.functional.normalize(points[v, u], dim=-1)
-        cosines.append((normal * ray).sum(-1).abs())
-    cosines = torch.cat(cosines)
+    seen = torch.isfinite(depth)
+    C, H, W = seen.shape
+    c, v, u = torch.nonzero(seen & (heights > level - band), as_tuple=True)  # the few pixels near the level
+    tangents, keep = [], torch.ones_like(c, dtype=torch.bool)
+    for dv, du in ((0, 1), (1, 0)):  # along rows, along columns
+        ends = []
+        for sign in (1, -1):
+            nv, nu = v + sign * dv, u + sign * du
+            inside = (nv >= 0) & (nv < H) & (nu >= 0) & (nu < W)
+            nv, nu = nv.clamp(0, H - 1), nu.clamp(0, W - 1)
+            has = inside & seen[c, nv, nu]
+            ends.append((torch.where(has[:, None], points[c, nv, nu], points[c, v, u]), has))
+        (ahead, has_ahead), (behind, has_behind) = ends
+        tangents.append(ahead - behind)
+        keep &= has_ahead | has_behind
+    normal = torch.nn.functional.normalize(torch.linalg.cross(tangents[0][keep], tangents[1][keep]), dim=-1)
+    ray = torch.nn.functional.normalize(points[c[keep], v[keep], u[keep]], dim=-1)
+    cosines = (normal * ray).sum(-1).abs()
     cosines = cosines[torch.isfinite(cosines)]
     return float(cosines.median()) if len(cosines) else 0.0
 
