@@ -105,6 +105,7 @@ class MeshConfig:
     depth_margin: float = 0.05  # hull: depth carves only space this far (share of the object's half-size) in front of the splats' rendered surface where it faces the view; up to 3x where slanted
     flat_underside: bool = True  # hull: what no view sees beyond the lowest seen point (under an orbit from above) is closed - flat under a standing base, as the sides curve in under a round one - not left as the hull's cone
     open_hollows: bool = True  # hull: a container's inside that no view sees (under an orbit from above) is opened, not left filled
+    close_overhangs: bool = True  # hull: the underside of an overhang no view sees (a table top's, under an orbit from above) is closed at the height of its seen edge, not hung as the hull's tent
     fit_outlines: bool = True  # hull: the mesh's outline at each fitted view is moved onto the view's silhouette edge (sub-pixel; marching cubes leaves it inside)
     fit_depth: bool = True  # hull: the surface is pulled in to where the views' depth, less its lag measured at the outlines, agrees it lies (the carving margin's leftovers)
     extra_views: int = 32  # tsdf only: views around the object whose rendered depth is fused besides the fitted views

@@ -7,7 +7,8 @@
 Stages (each reports progress and checks `cancel()`):
   1. field     mesh.method "hull" (default): the fitted views' silhouettes (their masks, or the
                splats where they are near-opaque) carved further where the splats' rendered depth
-               shows space (hull.py); without views it falls back to "density": Gaussian density
+               shows space (hull.py), undersides no view sees closed (overhangs.py) and hidden
+               hollows opened (hollows.py); without views it falls back to "density": Gaussian density
                (density.py); "tsdf": splat depth fused into a TSDF (tsdf.py)
   2. surface   marching cubes (PyMCubes) on that field, outward normals (surface.py)
   3. cleanup   drop floaters, Taubin smoothing and low-pass fairing (thin parts held), decimate to the face budget, (hull) outlines moved onto the views' silhouettes (outlines.py) and the surface pulled in to the views' depth less its lag (depth_fit.py), (density only: snap), unfold folds

@@ -103,18 +103,18 @@ def _opening(
         return None
     origin = torch.tensor([float(a[0]) for a in axes])
     points = index.float() * voxel + origin  # [B, 3]
-    normals = _outward_normals(field, index)  # [B, 3]
-    nearest = _nearest_depths(points, viewmats, Ks, width, height)  # [C, H * W]
+    normals = outward_normals(field, index)  # [B, 3]
+    nearest = nearest_depths(points, viewmats, Ks, width, height)  # [C, H * W]
     # Hidden floors first (few shell voxels face up), the rest of the shell only when there are some.
     upward = torch.nonzero(normals @ up > FLOOR_COS).squeeze(-1)
-    faced, seen = _faced_and_seen(points[upward], normals[upward], viewmats, Ks, nearest, width, height, voxel)
+    faced, seen = faced_and_seen(points[upward], normals[upward], viewmats, Ks, nearest, width, height, voxel)
     candidates = upward[faced & ~seen]  # faces a camera, no camera sees it well
     wall_voxels = HOLLOW_WALL * 0.5 * (max(field.shape) - 1)
     floors = candidates[_in_a_pit(points[candidates], normals[candidates], up, inside, origin, voxel, wall_voxels)]
     if len(floors) == 0:
         return None
     check_cancel(cancel)
-    faced, seen = _faced_and_seen(points, normals, viewmats, Ks, nearest, width, height, voxel)
+    faced, seen = faced_and_seen(points, normals, viewmats, Ks, nearest, width, height, voxel)
     hidden = faced & ~seen
 
     # Distances (voxels) to the surfaces the views show: hidden shell voxels are no walls.
@@ -172,7 +172,7 @@ def _under_the_floors(
     return torch.from_numpy(footprint)[cells[..., 0], cells[..., 1]]
 
 
-def _outward_normals(field: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def outward_normals(field: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """[B, 3] unit outward normals (minus the central-difference gradient) at grid points [B, 3]."""
     shape = torch.tensor(field.shape)
     gradient = []
@@ -185,7 +185,7 @@ def _outward_normals(field: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(-torch.stack(gradient, dim=-1), dim=-1)
 
 
-def _nearest_depths(
+def nearest_depths(
     points: torch.Tensor,  # [B, 3] the hull's shell voxels
     viewmats: torch.Tensor,  # [C, 4, 4]
     Ks: torch.Tensor,  # [C, 3, 3]
@@ -206,7 +206,7 @@ def _nearest_depths(
     return out
 
 
-def _faced_and_seen(
+def faced_and_seen(
     points: torch.Tensor,  # [B, 3] shell voxels
     normals: torch.Tensor,  # [B, 3]
     viewmats: torch.Tensor,  # [C, 4, 4]

@@ -71,7 +71,7 @@ def extract_surface(
             from im3d.mesh.hull import carve_field
 
             values, grid, silhouettes = carve_field(
-                splats, gaussians, cfg.grid_resolution, cameras, masks, cfg.depth_margin, cfg.flat_underside, cfg.open_hollows, cancel=cancel, progress=field_progress
+                splats, gaussians, cfg.grid_resolution, cameras, masks, cfg.depth_margin, cfg.flat_underside, cfg.open_hollows, cfg.close_overhangs, cancel=cancel, progress=field_progress
             )  # fmt: skip
             empty = "no point is inside every view's mask: nothing to mesh"
         else:
