@@ -435,6 +435,31 @@ def test_a_table_tops_hidden_underside_is_closed_at_its_seen_edge():
     assert a["chamfer"] < 0.8 * b["chamfer"] and a["fscore"] >= b["fscore"] - 0.01, (a, b)
 
 
+def test_a_hidden_underside_just_above_the_lowest_seen_point_is_not_cut():
+    """An overhang stands clear of its base. Hidden surface just above the lowest seen point is a
+    body's underside over its base (a sitting rabbit's round belly, seen down to its haunches:
+    the hull's tent hugs it there, and cut flat it lost 1.4 dB): the table's field is cut with its
+    floor where the views see it, and left as it is with the lowest seen point just under its top."""
+    from im3d.mesh import splats_to_gaussians
+    from im3d.mesh.hull import CLAMP_VOXELS, carve_field
+    from im3d.mesh.overhangs import close_hidden_undersides
+
+    _, views, splats = _ideal("table", **LOW_RING)
+    values, grid, used = carve_field(splats, splats_to_gaussians(splats), 96, views.cameras, views.masks, 0.05, close_overhangs=False)
+    field = torch.from_numpy(values)
+    axes = [torch.arange(n, dtype=torch.float32) * grid.voxel + float(grid.origin[a]) for a, n in enumerate(field.shape)]
+    down = torch.tensor([0.0, 0.0, -1.0])
+    cams = used.cameras
+
+    def closed(level: float) -> torch.Tensor:
+        return close_hidden_undersides(
+            field, axes, grid.voxel, cams.viewmats.float(), cams.Ks.float(), cams.width, cams.height, down, level, CLAMP_VOXELS * grid.voxel
+        )  # fmt: skip
+
+    assert int(((closed(0.35) > 0) != (field > 0)).sum()) > 1000  # the floor (z -0.35) seen: the tent is cut
+    assert torch.equal(closed(-0.02), field)  # "seen" down to 12 cm under the top only: untouched
+
+
 @pytest.mark.parametrize("name", ["hoop", "torus", "cup"])
 def test_a_hidden_underside_under_a_thin_bar_or_a_round_one_is_not_cut(name):
     """A standing hoop's hole is topped by surface no view sees, under a bar that ends before any
