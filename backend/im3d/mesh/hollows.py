@@ -97,13 +97,10 @@ def _opening(
     far above any clamp elsewhere: finite, so that it interpolates), or None where no hidden floor
     opens anything."""
     inside = field > 0
-    shell = inside & dilate(~inside)
-    index = torch.nonzero(shell)  # [B, 3]
+    index, points, normals = shell_voxels(field, axes, voxel)
     if len(index) == 0:
         return None
     origin = torch.tensor([float(a[0]) for a in axes])
-    points = index.float() * voxel + origin  # [B, 3]
-    normals = outward_normals(field, index)  # [B, 3]
     nearest = nearest_depths(points, viewmats, Ks, width, height)  # [C, H * W]
     # Hidden floors first (few shell voxels face up), the rest of the shell only when there are some.
     upward = torch.nonzero(normals @ up > FLOOR_COS).squeeze(-1)
@@ -170,6 +167,18 @@ def _under_the_floors(
     footprint[floor_cells[:, 0].numpy(), floor_cells[:, 1].numpy()] = True
     footprint = scipy.ndimage.binary_fill_holes(scipy.ndimage.binary_dilation(footprint, np.ones((3, 3), dtype=bool)))
     return torch.from_numpy(footprint)[cells[..., 0], cells[..., 1]]
+
+
+def shell_voxels(
+    field: torch.Tensor,  # [X, Y, Z] inside-positive
+    axes: list[torch.Tensor],  # its grid coordinates per axis
+    voxel: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inside grid points with an outside neighbour: ([B, 3] indices, [B, 3] world points, [B, 3] outward normals)."""
+    inside = field > 0
+    index = torch.nonzero(inside & dilate(~inside))
+    origin = torch.tensor([float(a[0]) for a in axes])
+    return index, index.float() * voxel + origin, outward_normals(field, index)
 
 
 def outward_normals(field: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ import scipy.ndimage
 import torch
 
 from im3d.errors import check_cancel
-from im3d.mesh.hollows import FLOOR_COS, faced_and_seen, nearest_depths, outward_normals
+from im3d.mesh.hollows import FLOOR_COS, faced_and_seen, nearest_depths, shell_voxels
 from im3d.mesh.voxels import camera_centres, dilate
 
 # Found on a grid of at most this many points a side (the grid hollows use).
@@ -81,13 +81,10 @@ def close_hidden_undersides(
     coarse = field[::stride, ::stride, ::stride]
     coarse_voxel = voxel * stride
     inside = coarse > 0
-    shell = inside & dilate(~inside)
-    index = torch.nonzero(shell)  # [B, 3]
+    index, points, normals = shell_voxels(coarse, axes, coarse_voxel)  # [B, 3] each
     if len(index) == 0:
         return field
     origin = torch.tensor([float(a[0]) for a in axes])
-    points = index.float() * coarse_voxel + origin  # [B, 3]
-    normals = outward_normals(coarse, index)
     heights = points @ down
     half_size = 0.5 * voxel * (max(field.shape) - 1)
     band, clearance = ABOVE_LEVEL * half_size, CLEARANCE * half_size
