@@ -104,7 +104,8 @@ def close_hidden_undersides(
     if len(large) == 0:
         return field
     # Each large piece's box grown by a voxel (what dilate() reaches).
-    boxes = [tuple(slice(max(0, b.start - 1), b.stop + 1) for b in scipy.ndimage.find_objects(labels)[label - 1]) for label in large]
+    objects = scipy.ndimage.find_objects(labels)
+    boxes = [tuple(slice(max(0, b.start - 1), b.stop + 1) for b in objects[label - 1]) for label in large]
     near = torch.zeros(coarse.shape, dtype=torch.bool)
     for box in boxes:
         near[box] = True
@@ -163,16 +164,23 @@ def close_hidden_undersides(
         # From the hidden surface to two voxels above the closure, so that the plane decides the crossing.
         rungs = ladder[whole][(rung_heights[whole] > closure - 2 * coarse_voxel) & within[whole]]  # [R, 3]
         opening[tuple(rungs.T)] = torch.minimum(opening[tuple(rungs.T)], torch.full((len(rungs),), closure))
-    if not bool(torch.isfinite(opening).any()):
+    opened = torch.nonzero(torch.isfinite(opening))
+    if len(opened) == 0:
         return field
     # The cut: the plane at each column's closure height, signed (inside above it), where opened;
-    # each fine grid point takes its nearest coarse point's closure.
-    nearest_coarse = [torch.clamp(torch.round(torch.arange(n) / stride).long(), max=m - 1) for n, m in zip(field.shape, opening.shape)]
+    # each fine grid point takes its nearest coarse point's closure. Only over the opened box (a
+    # few full-grid temporaries at 384³ would be ~1 GB).
+    low = (opened.min(0).values * stride - stride).clamp(min=0).tolist()
+    high = [min(n, int(h) * stride + stride + 1) for n, h in zip(field.shape, opened.max(0).values)]
+    nearest_coarse = [torch.clamp(torch.round(torch.arange(a, b) / stride).long(), max=m - 1) for a, b, m in zip(low, high, opening.shape)]
     levels = opening[nearest_coarse[0][:, None, None], nearest_coarse[1][None, :, None], nearest_coarse[2][None, None, :]]
-    mask = torch.isfinite(levels)
-    height_of = axes[0][:, None, None] * down[0] + axes[1][None, :, None] * down[1] + axes[2][None, None, :] * down[2]
-    cut = torch.where(mask, (torch.where(mask, levels, 0.0) - height_of).clamp(-clamp, clamp), torch.full_like(field, float("inf")))
-    return torch.minimum(field, cut)
+    part = [axis[a:b] for axis, a, b in zip(axes, low, high)]
+    height_of = part[0][:, None, None] * down[0] + part[1][None, :, None] * down[1] + part[2][None, None, :] * down[2]
+    cut = torch.where(torch.isfinite(levels), (levels - height_of).clamp(-clamp, clamp), torch.full_like(height_of, float("inf")))
+    out = field.clone()
+    block = tuple(slice(a, b) for a, b in zip(low, high))
+    out[block] = torch.minimum(field[block], cut)
+    return out
 
 
 def _facing(
