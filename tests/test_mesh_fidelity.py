@@ -298,6 +298,20 @@ def test_views_all_round_the_object_cut_nothing_flat():
     assert _down_direction(cams.viewmats[[0, 2, 4, 6]].float(), np.zeros(3)) is not None  # four views 90° apart surround it
 
 
+def test_down_is_the_orbits_axis_wherever_the_grid_is_centred():
+    """Floaters can stretch the grid to one side of the orbit's axis (0.2 off it: a table fitted from
+    30° up). "Down" is taken from where the views look, so it stays the ring's axis: from the
+    grid's centre the ring leaned 8°, and every cut with it (that table's F 0.665 -> 0.955)."""
+    from im3d.mesh.hull import _down_direction, _focus
+
+    cams = orbit_cameras(16, elevation_deg=30.0, radius=2.7, fov_deg=40.0, width=8)
+    for centre in ([0.0, 0.0, 0.0], [0.0, -0.2, 0.2], [0.3, 0.1, -0.1]):
+        down = _down_direction(cams.viewmats.float(), np.array(centre))
+        assert down is not None and torch.allclose(down, torch.tensor([0.0, 0.0, -1.0]), atol=1e-4), (centre, down)
+    assert torch.allclose(_focus(cams.viewmats.float()), torch.zeros(3), atol=1e-4)
+    assert _focus(cams.viewmats[:1].float()) is None  # one view's axis: no point where views meet
+
+
 def render_cameras(elevations, per_ring: int = 8):
     rings = [
         orbit_cameras(per_ring, elevation_deg=e, radius=1.7, fov_deg=40.0, width=4, azimuth_start_deg=22.5 * r)
