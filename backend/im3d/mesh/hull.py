@@ -31,8 +31,8 @@ the splats' density surface follows that. So the views decide first and the spla
 3. **The unseen underside.** A point inside every mask and behind every view's rendered surface
    is inside, so from a ring of views above an object the hull hangs a cone under it that no view
    can see or carve (a quarter of the radius deep from 15° up: the mug's and the wedge's worst
-   error, F 0.86 / 0.71). When the views lie to one side (their mean direction from the object
-   is not ~0) and surround it (no gap over 120° around that direction), and the object stands on
+   error, F 0.86 / 0.71). When the views lie to one side (their mean direction from where they
+   look is not ~0) and surround it (no gap over 120° around that direction), and the object stands on
    a base there (the views see walls facing them just above the lowest seen point, where a round
    underside's limb is seen grazing; or its sections narrow toward that point well below the
    slope at which the views would graze a limb there; or its section there is most of its
