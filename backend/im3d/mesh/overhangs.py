@@ -116,16 +116,14 @@ def close_hidden_undersides(
     position = torch.full(coarse.shape, -1, dtype=torch.long)
     position[tuple(index.T)] = torch.arange(len(index))
     opening = torch.full(coarse.shape, float("inf"))
-    up_step = -down / torch.linalg.norm(down)
     shape = torch.tensor(coarse.shape)
     eyes = camera_centres(viewmats)  # [C, 3]
     for label, box in zip(large, boxes):
         check_cancel(cancel)
-        corner = torch.tensor([b.start for b in box])
-        piece = torch.zeros(coarse.shape, dtype=torch.bool)
-        piece[box] = torch.from_numpy(labels[box] == label)
-        piece_index = torch.nonzero(piece[box]) + corner
-        attached = torch.nonzero(dilate(piece[box]) & grid_seen[box]) + corner
+        corner = torch.tensor([b.start for b in box])  # box indices + corner = grid indices
+        piece = torch.from_numpy(labels[box] == label)
+        piece_index = torch.nonzero(piece) + corner
+        attached = torch.nonzero(dilate(piece) & grid_seen[box]) + corner
         if len(attached) == 0:
             continue
         at = position[tuple(attached.T)]
@@ -133,11 +131,11 @@ def close_hidden_undersides(
         # The seen edge: attached voxels with no seen voxel just below them (a leg's side goes on
         # down past where the hidden surface meets it; a slab's side ends at its underside).
         below_it = torch.minimum(torch.round(attached.float() + down).long().clamp(min=0), shape - 1)
-        edge = torch.zeros(coarse.shape, dtype=torch.bool)
-        edge[tuple(attached[~grid_seen[tuple(below_it.T)]].T)] = True
+        edge = torch.zeros_like(piece)
+        edge[tuple((attached[~grid_seen[tuple(below_it.T)]] - corner).T)] = True
         # The piece where it meets that edge: there the hull's surface is the seen side's end
         # (rays under the edge graze it), found between grid points along `down`.
-        border = torch.nonzero(dilate(edge[box]) & piece[box]) + corner
+        border = torch.nonzero(dilate(edge) & piece) + corner
         if len(border) == 0:
             continue
         border_heights = heights[position[tuple(border.T)]] + _surface_below(coarse, border, down, coarse_voxel)
@@ -151,7 +149,7 @@ def close_hidden_undersides(
             continue
         # Each column from the hidden surface up to the closure, where the object goes on above it.
         steps = math.ceil(float((piece_heights - closure).max()) / coarse_voxel) + 2
-        ladder = torch.round(below.float()[:, None, :] + torch.arange(steps + 2).float()[None, :, None] * up_step).long()  # [P, S, 3]
+        ladder = torch.round(below.float()[:, None, :] + torch.arange(steps + 2).float()[None, :, None] * -down).long()  # [P, S, 3]
         within = ((ladder >= 0) & (ladder < shape)).all(-1)
         ladder = torch.minimum(ladder.clamp(min=0), shape - 1)
         rung_heights = ladder.float() @ down * coarse_voxel + float(origin @ down)
