@@ -18,6 +18,12 @@ surface - and the views facing that spot see how far behind it their depth lies.
 asks to move in by the median, over the views that face it and see it, of how far in front of
 their depth (less the lag) it lies; never out (the carving's bound stays), the outline vertices
 pinned, and the moves blended over the mesh like the outline fit's.
+
+The lag is not the same on every surface: the views' depth lies on a concave one (a pocket's floor,
+a bowl's inside) nearly where the surface is. Measured on the bench's fits against the true surface
+(views facing it): pockets and crevices 0.002-0.017 of the radius behind it against 0.014-0.032
+elsewhere on the same object, a bowl's inside 0.000 against its outside's 0.040. So the lag a
+vertex subtracts fades out where the mesh around it is concave.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+from scipy import sparse
+from scipy.spatial import cKDTree
 
 from im3d.cameras import Cameras
 from im3d.errors import check_cancel
@@ -47,6 +55,17 @@ MIN_SAMPLES = 200
 # A vertex moves only when at least this many views agree on where its surface lies (one view's
 # stray depth cannot dig a pit).
 MIN_VIEWS = 2
+# Concavity is read at this share of the object's half-size: how far the surface within it lies on
+# the vertex's normal side, averaged over that neighbourhood again (a hull's ripples average out, a
+# pocket's floor and walls do not). The lag fades from whole at FLAT to none at CONCAVE (measured on
+# the bench, docs/benchmarks.md "Concave surfaces": a sharp step, or a smaller radius, also took
+# the lag off the ripples of a sphere and a wedge and cost them 0.2-0.4 dB).
+CONCAVITY_RADIUS = 0.1
+FLAT = 0.02
+CONCAVE = 0.05
+# The concavity is read on a subsample of the vertices about this many to the radius (the same few
+# dozen neighbours per ball whatever the face budget), and each vertex takes its nearest sample's.
+SAMPLES_PER_RADIUS = 3.0
 
 
 def fit_depth(
@@ -88,15 +107,46 @@ def fit_depth(
     lag = float(np.median(at_outlines))
 
     # 2. Each vertex asks to move in by the median, over the views that see it, of how far in
-    #    front of their depth less the lag it lies (never out); outline vertices ask to stay.
+    #    front of their depth less its lag it lies (never out); outline vertices ask to stay.
     speaks = np.isfinite(behind).sum(axis=0) >= MIN_VIEWS
     asked = np.zeros(len(v))
     if speaks.any():
-        asked[speaks] = np.clip(np.nanmedian(behind[:, speaks], axis=0) - lag, 0.0, None)
+        radius = CONCAVITY_RADIUS * 0.5 * float(np.ptp(v, axis=0).max())
+        lags = lag * np.clip((CONCAVE - concavity(v, normals, radius)) / (CONCAVE - FLAT), 0.0, 1.0)
+        asked[speaks] = np.clip(np.nanmedian(behind[:, speaks], axis=0) - lags[speaks], 0.0, None)
     pinned = outline_count > 0
     asked[pinned] = 0.0
     moves = smooth_moves(edge_laplacian(faces, len(v)), (speaks | pinned).astype(np.float64), asked)
     return v - normals * moves[:, None], lag
+
+
+def concavity(
+    vertices: np.ndarray,  # [V, 3]
+    normals: np.ndarray,  # [V, 3] unit, outward
+    radius: float,  # world units
+) -> np.ndarray:
+    """[V] how far the surface within `radius` of each vertex lies on its normal's side, per unit
+    radius (the centroid of the vertices in the ball, less the vertex, along its normal), averaged
+    over the ball: ~0 on a plane, about -radius/(4R) on a sphere of radius R (convex), > 0 in a
+    pocket or a bowl's inside."""
+    # A subsample spread evenly over the surface (one vertex per cell of a grid radius/3 apart).
+    cells = np.floor(vertices / (radius / SAMPLES_PER_RADIUS)).astype(np.int64)
+    _, chosen = np.unique(cells, axis=0, return_index=True)
+    points, directions = vertices[chosen], normals[chosen]
+    pairs = cKDTree(points).query_pairs(radius, output_type="ndarray")  # [P, 2]
+    # Only the surface on the vertex's own side: across a wall thinner than the radius (a bowl's)
+    # the other face would read as a steep convex drop.
+    pairs = pairs[np.einsum("ij,ij->i", directions[pairs[:, 0]], directions[pairs[:, 1]]) > 0]
+    n = len(points)
+    ball = sparse.coo_matrix((np.ones(2 * len(pairs)), (np.r_[pairs[:, 0], pairs[:, 1]], np.r_[pairs[:, 1], pairs[:, 0]])), shape=(n, n))
+    ball = (ball + sparse.identity(n)).tocsr()  # each ball holds its centre
+    count = np.asarray(ball.sum(axis=1)).ravel()
+    rise = np.einsum("ij,ij->i", ball @ points / count[:, None] - points, directions) / radius
+    smoothed = ball @ rise / count
+    # Each vertex takes the nearest sample on its own side (a thin wall's two faces share cells).
+    nearest = cKDTree(points).query(vertices, k=min(8, n))[1].reshape(len(vertices), -1)  # [V, k]
+    own_side = np.einsum("vkj,vj->vk", directions[nearest], normals) > 0
+    return smoothed[nearest[np.arange(len(vertices)), np.argmax(own_side, axis=1)]]
 
 
 def _view_samples(v, faces, normals, viewmat, K, W, H, silhouette, depth):
