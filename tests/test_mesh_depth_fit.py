@@ -159,6 +159,16 @@ def test_concavity_is_flat_on_a_plane_negative_on_a_sphere_positive_inside_a_bow
     assert np.allclose(c[below & ~on_inner], -r / 4.0, atol=0.006)
 
 
+def test_concavity_of_a_degenerate_or_tiny_mesh_is_flat():
+    """No vertices, a mesh collapsed to one point, a lone triangle: zeros, not a crash or NaN."""
+    assert concavity(np.zeros((0, 3)), np.zeros((0, 3)), 0.1).shape == (0,)
+    point = np.zeros((3, 3))
+    assert np.array_equal(concavity(point, np.tile([0.0, 0.0, 1.0], (3, 1)), 0.0), np.zeros(3))
+    triangle = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    c = concavity(triangle, np.tile([0.0, 0.0, 1.0], (3, 1)), 0.1)
+    assert np.isfinite(c).all() and np.abs(c).max() < 1e-9
+
+
 def test_a_pockets_depth_that_lies_on_it_is_not_held_back_by_the_outlines_lag():
     """Fits' depth lies on concave surface (measured: a pocket 0.002-0.017 of the radius behind
     it, the rest of the object 0.014-0.032). The mesh's pocket is shallower than the truth's

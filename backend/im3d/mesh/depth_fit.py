@@ -129,6 +129,8 @@ def concavity(
     radius (the centroid of the vertices in the ball, less the vertex, along its normal), averaged
     over the ball: ~0 on a plane, about -radius/(4R) on a sphere of radius R (convex), > 0 in a
     pocket or a bowl's inside."""
+    if len(vertices) == 0 or not radius > 0:  # no surface, or all of it in one point
+        return np.zeros(len(vertices))
     # A subsample spread evenly over the surface (one vertex per cell of a grid radius/3 apart).
     cells = np.floor(vertices / (radius / SAMPLES_PER_RADIUS)).astype(np.int64)
     _, chosen = np.unique(cells, axis=0, return_index=True)
