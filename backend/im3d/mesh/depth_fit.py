@@ -58,8 +58,9 @@ MIN_VIEWS = 2
 # Concavity is read at this share of the object's half-size: how far the surface within it lies on
 # the vertex's normal side, averaged over that neighbourhood again (a hull's ripples average out, a
 # pocket's floor and walls do not). The lag fades from whole at FLAT to none at CONCAVE (measured on
-# the bench, docs/benchmarks.md "Concave surfaces": a sharp step, or a smaller radius, also took
-# the lag off the ripples of a sphere and a wedge and cost them 0.2-0.4 dB).
+# the bench, docs/benchmarks.md "Concave surfaces": a sharp step, or no smoothing, also took the
+# lag off the ripples of a sphere and a wedge and cost them 0.2-0.4 dB; a radius of 0.07 gained a
+# pocket more and cost the sphere more, 0.15 cost nothing on convex objects and kept half the gain).
 CONCAVITY_RADIUS = 0.1
 FLAT = 0.02
 CONCAVE = 0.05
