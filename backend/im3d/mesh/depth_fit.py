@@ -136,7 +136,8 @@ def concavity(
     cells = np.floor(vertices / (radius / SAMPLES_PER_RADIUS)).astype(np.int64)
     _, chosen = np.unique(cells, axis=0, return_index=True)
     points, directions = vertices[chosen], normals[chosen]
-    pairs = cKDTree(points).query_pairs(radius, output_type="ndarray")  # [P, 2]
+    tree = cKDTree(points)
+    pairs = tree.query_pairs(radius, output_type="ndarray")  # [P, 2]
     # Only the surface on the vertex's own side: across a wall thinner than the radius (a bowl's)
     # the other face would read as a steep convex drop.
     pairs = pairs[np.einsum("ij,ij->i", directions[pairs[:, 0]], directions[pairs[:, 1]]) > 0]
@@ -147,7 +148,7 @@ def concavity(
     rise = np.einsum("ij,ij->i", ball @ points / count[:, None] - points, directions) / radius
     smoothed = ball @ rise / count
     # Each vertex takes the nearest sample on its own side (a thin wall's two faces share cells).
-    nearest = cKDTree(points).query(vertices, k=min(8, n))[1].reshape(len(vertices), -1)  # [V, k]
+    nearest = tree.query(vertices, k=min(8, n))[1].reshape(len(vertices), -1)  # [V, k]
     own_side = np.einsum("vkj,vj->vk", directions[nearest], normals) > 0
     return smoothed[nearest[np.arange(len(vertices)), np.argmax(own_side, axis=1)]]
 
