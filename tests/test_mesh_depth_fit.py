@@ -171,10 +171,11 @@ def test_concavity_of_a_degenerate_or_tiny_mesh_is_flat():
 
 def test_a_pockets_depth_that_lies_on_it_is_not_held_back_by_the_outlines_lag():
     """Fits' depth lies nearer concave surface (measured on eleven fits: pockets and crevices
-    -0.004 to 0.024 of the radius behind it, the rest of the object 0.013 to 0.051). The mesh's pocket is shallower than the truth's
-    (0.06 against 0.1) and the views' depth lags by LAG except in the pocket. The pocket's floor
-    moves in further than it would if every vertex took off the outlines' lag (measured: by half
-    the lag, the moves being blended over the mesh), and the convex rest stays where it was."""
+    -0.004 to 0.024 of the radius behind it, the rest of the object 0.013 to 0.051). The mesh's
+    pocket is shallower than the truth's (0.06 against 0.1) and the views' depth lags by LAG
+    except in the pocket. The pocket's floor moves in further than it would if every vertex took
+    off the outlines' lag (measured: by half the lag, the moves being blended over the mesh), and
+    the convex rest stays where it was."""
     cameras = _cameras()
     angle = np.radians(20.0)
     truth = _dented_sphere(0.1, angle)
