@@ -304,8 +304,8 @@ def _focus(viewmats: torch.Tensor) -> torch.Tensor | None:
     near parallel (one view, or all looking the same way)."""
     eyes = camera_centres(viewmats).double()
     forward = viewmats[:, 2, :3].double()  # camera +z (the view direction) in world: R's third row
-    across = torch.eye(3, dtype=torch.float64) - forward[:, :, None] * forward[:, None, :]  # [C, 3, 3] projectors off each axis
-    A, b = across.sum(0), (across @ eyes[:, :, None]).sum(0)[:, 0]
+    off_axis = torch.eye(3, dtype=torch.float64) - forward[:, :, None] * forward[:, None, :]  # [C, 3, 3] projectors off each axis
+    A, b = off_axis.sum(0), (off_axis @ eyes[:, :, None]).sum(0)[:, 0]
     if float(torch.linalg.eigvalsh(A)[0]) < 0.05 * len(viewmats):
         return None
     return torch.linalg.solve(A, b).float()
