@@ -41,8 +41,10 @@ the splats' density surface follows that. So the views decide first and the spla
    lowest seen point lies well above its bottom (0.3 radii under a sphere seen from 20° up and 1.7
    away): there the section is eroded below it as the circle through it and a section a little
    higher says (a sphere, a lying capsule: exact), which closes it near its true bottom where the
-   hull's cone hung 0.1-0.2 radii lower. Views all round the object, or from one side only, leave the hull's
-   closure.
+   hull's cone hung 0.1-0.2 radii lower. A ring through the object's middle (a turntable at
+   elevation 0, SV3D_u's) sees neither its top nor its bottom: both ends are closed so, along the
+   ring's axis (bench at elevation 0: table F 0.751 -> 0.997, mug 0.810 -> 0.983, wedge 0.725 ->
+   0.899). Views all round the object, or from one side only, leave the hull's closure.
 
 4. **Hidden undersides of overhangs** (`overhangs.py`): no view sees under a table's top, so the
    hull hangs a tent there, from the top's near edges down along the rays that pass under them.
@@ -189,30 +191,18 @@ def carve_field(
         passes.append((carved, carved_exact, depth_distance))
     field = _exact_where_the_sign_changes(passes, axes, cancel)  # min over the passes
 
-    # 3. The unseen underside: flat beyond the lowest seen point, away from the cameras.
+    # 3. The unseen ends: flat beyond the furthest seen point away from the cameras (the underside
+    #    under a ring above; the top and the bottom both under a ring through the object's middle).
     centre = origin + 0.5 * voxel * (np.asarray(shape) - 1)
-    down = _down_direction(viewmats, centre)
-    seen_points = _back_projected(depth, viewmats, Ks, down) if flat_underside and down is not None else None
-    level = _lowest_seen_level(depth, seen_points[1]) if seen_points is not None else None
-    # (sections on a grid of at most 128 a side: a fill per slice costs ~3 ms, and at 256³ the
-    # argsort of millions of inside points was a second)
-    stride = max(1, math.ceil(max(shape) / 128))
-    sections = None
-    if level is not None:
-        height = axes[0][:, None, None] * down[0] + axes[1][None, :, None] * down[1] + axes[2][None, None, :] * down[2]
-        sections = _Sections.of(field[::stride, ::stride, ::stride], height[::stride, ::stride, ::stride], down, voxel * stride)
-    if sections is not None:
-        band = LEVEL_BAND * 0.5 * voxel * (max(shape) - 1)
-        walls = _facing_at_the_lowest_seen(depth, *seen_points, level, band) >= WALL_FACING
-        if walls or _stands_on_a_base(sections, level, _grazing_slope(viewmats, centre, down, level)):
-            field = torch.minimum(field, (level - height).clamp(-clamp, clamp))
-        else:  # a round underside: closed as the sides curve in, not as the hull's cone
-            cap = _rounded_underside(sections, level, height, stride)
-            if cap is not None:
-                field = torch.minimum(field, cap.clamp(-clamp, clamp))
+    ends, down = _unseen_ends(viewmats, centre)
+    levels = []  # the furthest seen point along each end (the first end is down, when down is known)
+    for end in ends if flat_underside else []:
+        field, end_level = _close_unseen_end(field, depth, viewmats, Ks, axes, voxel, centre, end, clamp)
+        levels.append(end_level)
+    level = levels[0] if down is not None and levels else None
 
     # 4. Hidden undersides of overhangs (a table top's): closed at the height their seen edge says.
-    if close_overhangs and level is not None:
+    if close_overhangs and down is not None and level is not None:
         field = close_hidden_undersides(field, axes, voxel, viewmats, Ks, W, H, down, level, clamp, cancel)
 
     # 5. Hidden hollows: a container's inside that no view sees, under a floor only the hull made.
@@ -220,6 +210,39 @@ def carve_field(
         field = open_hidden_hollows(field, axes, voxel, viewmats, Ks, W, H, -down, clamp, cancel)
     values = field.numpy()
     return values, DensityGrid(values=values, origin=origin, voxel=voxel), Silhouettes(cameras, silhouette, depth)
+
+
+def _close_unseen_end(
+    field: torch.Tensor,  # [X, Y, Z] inside-positive, clamped to ±clamp
+    depth: torch.Tensor,  # [C, H, W] camera z of the rendered surface (inf: not covered)
+    viewmats: torch.Tensor,  # [C, 4, 4]
+    Ks: torch.Tensor,  # [C, 3, 3]
+    axes: list[torch.Tensor],  # grid coordinates per axis
+    voxel: float,
+    centre: np.ndarray,  # [3] the grid's centre
+    end: torch.Tensor,  # [3] unit: away from the cameras, where no view sees
+    clamp: float,
+) -> tuple[torch.Tensor, float | None]:
+    """(the field closed beyond the furthest seen point along `end`: flat where the object stands on
+    a base there, as its sides curve in where it is round; that level, None when nothing is seen)."""
+    seen_points = _back_projected(depth, viewmats, Ks, end)
+    level = _lowest_seen_level(depth, seen_points[1])
+    if level is None:
+        return field, None
+    shape = field.shape
+    # (sections on a grid of at most 128 a side: a fill per slice costs ~3 ms, and at 256³ the
+    # argsort of millions of inside points was a second)
+    stride = max(1, math.ceil(max(shape) / 128))
+    height = axes[0][:, None, None] * end[0] + axes[1][None, :, None] * end[1] + axes[2][None, None, :] * end[2]
+    sections = _Sections.of(field[::stride, ::stride, ::stride], height[::stride, ::stride, ::stride], end, voxel * stride)
+    if sections is None:
+        return field, level
+    band = LEVEL_BAND * 0.5 * voxel * (max(shape) - 1)
+    walls = _facing_at_the_lowest_seen(depth, *seen_points, level, band) >= WALL_FACING
+    if walls or _stands_on_a_base(sections, level, _grazing_slope(viewmats, centre, end, level)):
+        return torch.minimum(field, (level - height).clamp(-clamp, clamp)), level
+    cap = _rounded_underside(sections, level, height, stride)  # a round end: closed as the sides curve in, not as the hull's cone
+    return (torch.minimum(field, cap.clamp(-clamp, clamp)) if cap is not None else field), level
 
 
 @dataclasses.dataclass
@@ -266,17 +289,26 @@ WALL_FACING = 0.4
 LEVEL_BAND = 0.03
 # The views surround the object when no two neighbours around the down axis are further apart.
 MAX_AZIMUTH_GAP = math.radians(120.0)
+# A ring through the object's middle tells down from up by the cameras' up vectors, when their mean
+# leans along its axis at least this much (cos): upright cameras, 1; rolled ones say nothing.
+UPRIGHT_COS = 0.5
 # The lowest seen point is this quantile of the seen points' heights (a stray pixel cannot lower the cut much).
 LOWEST_SEEN_QUANTILE = 0.999
 
 
-def _down_direction(
+def _unseen_ends(
     viewmats: torch.Tensor,  # [C, 4, 4]
     centre: np.ndarray,  # [3] the grid's centre
-) -> torch.Tensor | None:
-    """[3] the direction away from the cameras, when they lie to one side of the object and around
-    it (a ring above it); None when they are all round it or on one side only (a single photo, a
-    half-orbit: "away from the cameras" is then the object's back, not its underside).
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """(the unit directions away from the cameras that no view sees, around an orbit of views;
+    which way is down, for the overhangs and hollows).
+
+    A ring above the object (their mean direction from it is not ~0) hides its underside: one end,
+    and down is away from the cameras. A ring through the object's middle (a turntable at
+    elevation 0, SV3D_u's) sees its top and its bottom both edge-on: two ends, along the ring's
+    axis, and down is against the cameras' up. Views all round it (rings above and below) or on one
+    side only (a single photo, a half-orbit: "away from the cameras" is then the object's back)
+    hide no end: none.
 
     Seen from where the views look (the point nearest their optical axes; the grid's centre when
     they do not meet): from the grid's centre, off the orbit's axis where floaters stretch the
@@ -284,19 +316,32 @@ def _down_direction(
     eyes = camera_centres(viewmats)
     focus = _focus(viewmats)
     origin = focus if focus is not None else torch.as_tensor(centre, dtype=torch.float32)
-    side = torch.nn.functional.normalize(eyes - origin, dim=-1).mean(0)
-    if float(side.norm()) < ONE_SIDED_VIEWS:
-        return None
-    down = -side / side.norm()
-    sideways = eyes - origin
-    sideways = sideways - (sideways @ down)[:, None] * down
+    directions = torch.nn.functional.normalize(eyes - origin, dim=-1)
+    side = directions.mean(0)
+    if float(side.norm()) >= ONE_SIDED_VIEWS:  # a ring above (or below)
+        down = -side / side.norm()
+        return ([down], down) if _surround(eyes - origin, down) else ([], None)
+    if len(eyes) < 3:
+        return [], None
+    axis = torch.linalg.svd(eyes - eyes.mean(0)).Vh[-1]  # the normal of the plane the cameras lie in
+    if float((directions @ axis).abs().max()) >= ONE_SIDED_VIEWS or not _surround(eyes - origin, axis):
+        return [], None  # not one ring: views above and below, or scattered
+    up = -viewmats[:, 1, :3].mean(0)  # the cameras' up (image y points down)
+    lean = float(up @ axis) / max(float(up.norm()), 1e-12)
+    down = (-axis if lean > 0 else axis) if abs(lean) >= UPRIGHT_COS else None
+    first = down if down is not None else axis
+    return [first, -first], down
+
+
+def _surround(offsets: torch.Tensor, axis: torch.Tensor) -> bool:
+    """Whether cameras at `offsets` [C, 3] from the object surround `axis` [3] (no gap between
+    neighbours around it over MAX_AZIMUTH_GAP)."""
+    sideways = offsets - (offsets @ axis)[:, None] * axis
     e1 = torch.nn.functional.normalize(sideways[int(torch.argmax(sideways.norm(dim=-1)))], dim=0)
-    e2 = torch.linalg.cross(down, e1)
+    e2 = torch.linalg.cross(axis, e1)
     azimuths = torch.sort(torch.atan2(sideways @ e2, sideways @ e1)).values
     gaps = torch.diff(torch.cat([azimuths, azimuths[:1] + 2 * math.pi]))
-    if float(gaps.max()) > MAX_AZIMUTH_GAP:
-        return None
-    return down
+    return float(gaps.max()) <= MAX_AZIMUTH_GAP
 
 
 def _focus(viewmats: torch.Tensor) -> torch.Tensor | None:
