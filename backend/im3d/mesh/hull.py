@@ -41,9 +41,10 @@ the splats' density surface follows that. So the views decide first and the spla
    lowest seen point lies well above its bottom (0.3 radii under a sphere seen from 20° up and 1.7
    away): there the section is eroded below it as the circle through it and a section a little
    higher says (a sphere, a lying capsule: exact), which closes it near its true bottom where the
-   hull's cone hung 0.1-0.2 radii lower. A ring through the object's middle (a turntable at
-   elevation 0, SV3D_u's) sees neither its top nor its bottom: both ends are closed so, along the
-   ring's axis (bench at elevation 0: table F 0.751 -> 0.997, mug 0.810 -> 0.983, wedge 0.725 ->
+   hull's cone hung 0.1-0.2 radii lower. The top is closed the same way where it stands above
+   the cameras (a bottle from 10° up), and a ring through the object's middle (a turntable at
+   elevation 0, SV3D_u's) sees neither its top nor its bottom: both ends of the ring's axis are
+   closed so (bench at elevation 0: table F 0.751 -> 0.997, mug 0.810 -> 0.983, wedge 0.725 ->
    0.899). Views all round the object, or from one side only, leave the hull's closure.
 
 4. **Hidden undersides of overhangs** (`overhangs.py`): no view sees under a table's top, so the
@@ -191,10 +192,11 @@ def carve_field(
         passes.append((carved, carved_exact, depth_distance))
     field = _exact_where_the_sign_changes(passes, axes, cancel)  # min over the passes
 
-    # 3. The unseen ends: flat beyond the furthest seen point away from the cameras (the underside
-    #    under a ring above; the top and the bottom both under a ring through the object's middle).
+    # 3. The unseen ends: flat beyond the furthest seen point along the orbit's axis, where no
+    #    camera lies beyond it (the underside under a ring above; the top too where it stands above
+    #    the cameras; both under a ring through the object's middle).
     centre = origin + 0.5 * voxel * (np.asarray(shape) - 1)
-    ends, down = _unseen_ends(viewmats, centre)
+    ends, down = _orbit_ends(viewmats, centre)
     levels = []  # the furthest seen point along each end (the first end is down, when down is known)
     for end in ends if flat_underside else []:
         field, end_level = _close_unseen_end(field, depth, viewmats, Ks, axes, voxel, centre, end, clamp)
@@ -223,12 +225,13 @@ def _close_unseen_end(
     end: torch.Tensor,  # [3] unit: away from the cameras, where no view sees
     clamp: float,
 ) -> tuple[torch.Tensor, float | None]:
-    """(the field closed beyond the furthest seen point along `end`: flat where the object stands on
-    a base there, as its sides curve in where it is round; that level, None when nothing is seen)."""
+    """(the field closed beyond the furthest seen point along `end`, unless a camera lies beyond it
+    and sees that end: flat where the object stands on a base there, as its sides curve in where it
+    is round; that level, None when nothing is seen)."""
     seen_points = _back_projected(depth, viewmats, Ks, end)
     level = _lowest_seen_level(depth, seen_points[1])
-    if level is None:
-        return field, None
+    if level is None or float((camera_centres(viewmats) @ end).max()) >= level:
+        return field, level
     shape = field.shape
     # (sections on a grid of at most 128 a side: a fill per slice costs ~3 ms, and at 256³ the
     # argsort of millions of inside points was a second)
@@ -296,19 +299,20 @@ UPRIGHT_COS = 0.5
 LOWEST_SEEN_QUANTILE = 0.999
 
 
-def _unseen_ends(
+def _orbit_ends(
     viewmats: torch.Tensor,  # [C, 4, 4]
     centre: np.ndarray,  # [3] the grid's centre
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """(the unit directions away from the cameras that no view sees, around an orbit of views;
-    which way is down, for the overhangs and hollows).
+    """(the two unit directions along the axis of a ring of views, down first when it is known;
+    which way is down, for the overhangs and hollows). An end is unseen where no camera lies
+    beyond the object's furthest seen point along it (`_close_unseen_end` tells).
 
-    A ring above the object (their mean direction from it is not ~0) hides its underside: one end,
-    and down is away from the cameras. A ring through the object's middle (a turntable at
-    elevation 0, SV3D_u's) sees its top and its bottom both edge-on: two ends, along the ring's
-    axis, and down is against the cameras' up. Views all round it (rings above and below) or on one
-    side only (a single photo, a half-orbit: "away from the cameras" is then the object's back)
-    hide no end: none.
+    A ring above the object (their mean direction from it is not ~0) always hides its underside,
+    and its top too where that stands above the cameras (a bottle from SV3D_p's 10°); down is away
+    from the cameras. A ring through the object's middle (a turntable at elevation 0, SV3D_u's)
+    sees its top and its bottom both edge-on; down is against the cameras' up. Views all round it
+    (rings above and below) or on one side only (a single photo, a half-orbit: "away from the
+    cameras" is then the object's back) have no ends: none.
 
     Seen from where the views look (the point nearest their optical axes; the grid's centre when
     they do not meet): from the grid's centre, off the orbit's axis where floaters stretch the
@@ -320,7 +324,7 @@ def _unseen_ends(
     side = directions.mean(0)
     if float(side.norm()) >= ONE_SIDED_VIEWS:  # a ring above (or below)
         down = -side / side.norm()
-        return ([down], down) if _surround(eyes - origin, down) else ([], None)
+        return ([down, -down], down) if _surround(eyes - origin, down) else ([], None)
     if len(eyes) < 3:
         return [], None
     axis = torch.linalg.svd(eyes - eyes.mean(0)).Vh[-1]  # the normal of the plane the cameras lie in
