@@ -10,7 +10,7 @@ import trimesh
 
 from im3d.cameras import orbit_cameras
 from im3d.errors import Cancelled
-from im3d.mesh.outlines import fit_outlines, signed_distance
+from im3d.mesh.outlines import fit_outlines, signed_distance, silhouette_vertices
 from im3d.mesh.zbuffer import render_unlit
 
 SIZE = 96
@@ -103,3 +103,30 @@ def test_fitting_outlines_can_be_cancelled():
     masks = _coverage(sphere.vertices, sphere.faces, cameras)
     with pytest.raises(Cancelled):
         fit_outlines(sphere.vertices, sphere.faces, cameras, masks, cancel=lambda: True)
+
+
+def test_silhouette_vertices_are_where_the_surface_turns_away_and_nowhere_else():
+    """The ends of a mesh's silhouette edges (where the depth fit measures its lag, and the outline
+    fit moves the mesh): on a sphere seen from outside, a ring where the normal lies across the
+    ray; the faces turned away are the far half; a vertex facing the camera, or a flat face seen
+    grazing but not at its border, is no silhouette vertex."""
+    sphere = trimesh.creation.icosphere(subdivisions=4, radius=0.5)
+    eye = np.array([0.0, -3.0, 0.0])
+    corners = sphere.vertices[sphere.faces]
+    normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+    per_vertex = np.bincount(sphere.faces.ravel(), minlength=len(sphere.vertices))
+    ends, away = silhouette_vertices(sphere.faces, per_vertex, normals, corners.mean(axis=1), eye)
+    rays = (sphere.vertices - eye) / np.linalg.norm(sphere.vertices - eye, axis=1, keepdims=True)
+    cos = np.abs(np.einsum("ij,ij->i", sphere.vertex_normals, rays))
+    assert ends.sum() > 20 and cos[ends].max() < 0.15, (ends.sum(), cos[ends].max())
+    assert not ends[cos > 0.3].any()
+    assert abs(away.mean() - 0.5) < 0.1
+    # A plate seen 10° off edge-on: its big faces are grazing, yet only its border is silhouette.
+    plate = trimesh.creation.box(extents=(0.6, 0.04, 0.6)).subdivide().subdivide().subdivide()
+    eye = 3.0 * np.array([np.sin(np.radians(10.0)), -np.cos(np.radians(10.0)), 0.0])[[1, 0, 2]]  # along x, 10° off
+    corners = plate.vertices[plate.faces]
+    normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+    per_vertex = np.bincount(plate.faces.ravel(), minlength=len(plate.vertices))
+    ends, _ = silhouette_vertices(plate.faces, per_vertex, normals, corners.mean(axis=1), eye)
+    interior = (np.abs(plate.vertices[:, 0]) < 0.29) & (np.abs(plate.vertices[:, 2]) < 0.29)  # off the plate's rim
+    assert ends.any() and not ends[interior].any()

@@ -13,8 +13,9 @@ that cost the cow a dB).
 This step asks all the views at once instead of the nearest. The lag of the rendered depth behind
 the true surface, along the normal, is about the same over one object (0.02-0.05 of the half-size:
 half-transparent Gaussians inside the surface paint it with their tails) and is measured on the
-object itself: at its outline in one view the mesh lies on the silhouette to a pixel - on the true
-surface - and the views facing that spot see how far behind it their depth lies. Each vertex then
+object itself: at its outline in one view (the ends of the mesh's silhouette edges, which the
+outline fit put there) the mesh lies on the silhouette to a pixel - on the true surface - and the
+views facing that spot see how far behind it their depth lies. Each vertex then
 asks to move in by the median, over the views that face it and see it, of how far in front of
 their depth (less the lag) it lies; never out (the carving's bound stays), the outline vertices
 pinned, and the moves blended over the mesh like the outline fit's.
@@ -29,6 +30,7 @@ concave.
 
 from __future__ import annotations
 
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -40,17 +42,23 @@ from scipy.spatial import cKDTree
 from im3d.cameras import Cameras
 from im3d.errors import check_cancel
 from im3d.mesh.cleanup import vertex_normals
-from im3d.mesh.outlines import edge_laplacian, smooth_moves, signed_distance
+from im3d.mesh.outlines import edge_laplacian, signed_distance, silhouette_vertices, smooth_moves
 from im3d.mesh.zbuffer import bilinear, rasterize_triangles
 from im3d.splats.raster.cpu import num_threads
 
 # A view speaks for a vertex when the vertex faces it at least this much (cos of the angle between
 # the normal and the direction to the camera): grazing depth is the least reliable.
 FACING = 0.5
-# A vertex is on a view's outline when its normal is this close to across the view's ray (|cos|)
-# and its projection lies within OUTLINE_PIXELS of the silhouette's edge.
-ACROSS = 0.2
+# The lag is measured at the vertices on a view's outline: those that end one of the mesh's
+# silhouette edges there (as the outline fit moves them: outlines.silhouette_vertices), visible,
+# projecting within OUTLINE_PIXELS of the silhouette's edge. Every vertex whose normal lies across
+# the ray (|cos| < ACROSS) that near the edge stays pinned, but measuring there too took the faces
+# beside a flat-faced object's sharp edges, seen grazing, which lie outside its surface (+0.006 to
+# +0.008 r on a plate with pins, fandisk, a board): the lag came out 1.2-2x the true one there
+# (docs/benchmarks.md, "Where the lag is measured"). Pinning only the silhouette edges' ends let
+# the faces beside them move and cost round objects up to 0.7 dB.
 OUTLINE_PIXELS = 1.0
+ACROSS = 0.2
 # Too few outline samples to measure the lag: the step is skipped.
 MIN_SAMPLES = 200
 # A vertex moves only when at least this many views agree on where its surface lies (one view's
@@ -88,17 +96,24 @@ def fit_depth(
     if len(faces) == 0 or C < 2:
         return v, float("nan")
     normals = vertex_normals(v, faces)
+    corners = v[faces]
+    shape = _MeshShape(
+        faces_per_vertex=np.bincount(faces.ravel(), minlength=len(v)),
+        face_normals=np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]),
+        centroids=corners.mean(axis=1),
+    )
     viewmats, Ks = cameras.viewmats.double().numpy(), cameras.Ks.double().numpy()
 
-    def per_view(c: int) -> tuple[np.ndarray, np.ndarray]:
+    def per_view(c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         check_cancel(cancel)
-        return _view_samples(v, faces, normals, viewmats[c], Ks[c], W, H, silhouettes[c], depths[c])
+        return _view_samples(v, faces, normals, shape, viewmats[c], Ks[c], W, H, silhouettes[c], depths[c])
 
     # Views on threads (the rasteriser releases the GIL), stacked in view order.
     with ThreadPoolExecutor(max(1, min(num_threads(), C))) as pool:
         per_views = list(pool.map(per_view, range(C)))
     behind = np.stack([p[0] for p in per_views])  # [C, V] along the normal, nan where the view does not speak
-    on_outline = np.stack([p[1] for p in per_views])  # [C, V]
+    on_outline = np.stack([p[1] for p in per_views])  # [C, V] where the lag is measured
+    near_outline = np.stack([p[2] for p in per_views])  # [C, V] what stays pinned
 
     # 1. The lag: how far behind the vertices on some *other* view's outline the views' depth lies.
     outline_count = on_outline.sum(axis=0)
@@ -116,7 +131,7 @@ def fit_depth(
         radius = CONCAVITY_RADIUS * 0.5 * float(np.ptp(v, axis=0).max())
         lags = lag * np.clip((CONCAVE - concavity(v, normals, radius)) / (CONCAVE - FLAT), 0.0, 1.0)
         asked[speaks] = np.clip(np.nanmedian(behind[:, speaks], axis=0) - lags[speaks], 0.0, None)
-    pinned = outline_count > 0
+    pinned = near_outline.any(axis=0)
     asked[pinned] = 0.0
     moves = smooth_moves(edge_laplacian(faces, len(v)), (speaks | pinned).astype(np.float64), asked)
     return v - normals * moves[:, None], lag
@@ -154,9 +169,17 @@ def concavity(
     return smoothed[nearest[np.arange(len(vertices)), np.argmax(own_side, axis=1)]]
 
 
-def _view_samples(v, faces, normals, viewmat, K, W, H, silhouette, depth):
+@dataclasses.dataclass
+class _MeshShape:
+    faces_per_vertex: np.ndarray  # [V]
+    face_normals: np.ndarray  # [F, 3] (area-weighted)
+    centroids: np.ndarray  # [F, 3]
+
+
+def _view_samples(v, faces, normals, shape: _MeshShape, viewmat, K, W, H, silhouette, depth):
     """([V] how far behind each vertex the view's depth lies, along the normal, nan where the view
-    does not see it facing; [V] bool, the vertex is on the view's outline)."""
+    does not see it facing; [V] bool, the vertex ends a silhouette edge on the view's outline;
+    [V] bool, it lies across the view's ray near that outline)."""
     R, t = viewmat[:3, :3], viewmat[:3, 3]
     cam = v @ R.T + t
     z = cam[:, 2]
@@ -168,15 +191,18 @@ def _view_samples(v, faces, normals, viewmat, K, W, H, silhouette, depth):
     inside = ahead & (u >= 0) & (u < W) & (w >= 0) & (w < H)
     px = np.clip(np.floor(u).astype(np.int64), 0, W - 1)
     py = np.clip(np.floor(w).astype(np.int64), 0, H - 1)
-    # Outline: across the ray and on the silhouette's edge.
-    edge = bilinear(signed_distance(silhouette)[..., None], np.stack([u / W, w / H], axis=-1))[:, 0]
-    on_outline = inside & (np.abs(cos) < ACROSS) & (np.abs(edge) <= OUTLINE_PIXELS)
-    # Seen: not behind another part of the mesh (two pixels' depth).
+    # Not behind another part of the mesh (two pixels' depth).
     hits = rasterize_triangles(v, faces, viewmat, K, W, H)
     front = hits.depth[py, px]
-    seen = inside & (cos > FACING) & np.isfinite(front) & (z <= front + 2.0 * zs / K[0, 0])
+    visible = inside & np.isfinite(front) & (z <= front + 2.0 * zs / K[0, 0])
+    # Outline: the end of a silhouette edge of the mesh, on the silhouette's edge.
+    edge = bilinear(signed_distance(silhouette)[..., None], np.stack([u / W, w / H], axis=-1))[:, 0]
+    ends, _ = silhouette_vertices(faces, shape.faces_per_vertex, shape.face_normals, shape.centroids, -R.T @ t)
+    near_outline = inside & (np.abs(cos) < ACROSS) & (np.abs(edge) <= OUTLINE_PIXELS)
+    on_outline = visible & ends & (np.abs(edge) <= OUTLINE_PIXELS)
+    seen = visible & (cos > FACING)
     rendered = depth[py, px]
     seen &= np.isfinite(rendered)
     # Camera z to distance along the ray (x |cam| / z), then along the normal (x cos).
     behind = np.where(seen, (rendered - zs) * ray / zs * cos, np.nan)
-    return behind, on_outline
+    return behind, on_outline, near_outline

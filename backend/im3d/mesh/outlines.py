@@ -138,14 +138,25 @@ def edge_laplacian(faces: np.ndarray, num_vertices: int) -> sparse.csr_matrix:
     return (sparse.diags(np.asarray(neighbours.sum(axis=1)).ravel()) - neighbours).tocsr()
 
 
+def silhouette_vertices(
+    faces: np.ndarray,  # [F, 3] outward
+    faces_per_vertex: np.ndarray,  # [V] how many faces each vertex has
+    face_normals: np.ndarray,  # [F, 3] (any length)
+    centroids: np.ndarray,  # [F, 3]
+    eye: np.ndarray,  # [3] the camera's centre
+) -> tuple[np.ndarray, np.ndarray]:
+    """([V] bool: the ends of the mesh's silhouette edges seen from `eye` - vertices among whose
+    faces some face the camera and some face away; [F] bool: the faces turned away)."""
+    away = np.einsum("ij,ij->i", face_normals, centroids - eye) > 0
+    faces_away = np.bincount(faces[away].ravel(), minlength=len(faces_per_vertex))
+    return (faces_away > 0) & (faces_away < faces_per_vertex), away
+
+
 def _outline_moves(v, faces, faces_per_vertex, normals, face_normals, centroids, viewmat, K, W, H, target):
     """(vertex ids [M], moves [M] along their normals, world units) asked for by one view."""
     R, t = viewmat[:3, :3], viewmat[:3, 3]
-    eye = -R.T @ t
-    away = np.einsum("ij,ij->i", face_normals, centroids - eye) > 0  # [F] faces turned away from the camera
-    # The silhouette edges' ends: vertices among whose faces some face the camera and some away.
-    faces_away = np.bincount(faces[away].ravel(), minlength=len(v))
-    ends = np.flatnonzero((faces_away > 0) & (faces_away < faces_per_vertex))
+    on_silhouette, away = silhouette_vertices(faces, faces_per_vertex, face_normals, centroids, -R.T @ t)
+    ends = np.flatnonzero(on_silhouette)
     if len(ends) == 0:
         return ends, np.zeros(0)
     cam = v[ends] @ R.T + t
