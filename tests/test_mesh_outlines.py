@@ -110,12 +110,16 @@ def test_silhouette_vertices_are_where_the_surface_turns_away_and_nowhere_else()
     fit moves the mesh): on a sphere seen from outside, a ring where the normal lies across the
     ray; the faces turned away are the far half; a vertex facing the camera, or a flat face seen
     grazing but not at its border, is no silhouette vertex."""
+
+    def seen_from(mesh, eye):
+        corners = mesh.vertices[mesh.faces]
+        normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+        per_vertex = np.bincount(mesh.faces.ravel(), minlength=len(mesh.vertices))
+        return silhouette_vertices(mesh.faces, per_vertex, normals, corners.mean(axis=1), eye)
+
     sphere = trimesh.creation.icosphere(subdivisions=4, radius=0.5)
     eye = np.array([0.0, -3.0, 0.0])
-    corners = sphere.vertices[sphere.faces]
-    normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
-    per_vertex = np.bincount(sphere.faces.ravel(), minlength=len(sphere.vertices))
-    ends, away = silhouette_vertices(sphere.faces, per_vertex, normals, corners.mean(axis=1), eye)
+    ends, away = seen_from(sphere, eye)
     rays = (sphere.vertices - eye) / np.linalg.norm(sphere.vertices - eye, axis=1, keepdims=True)
     cos = np.abs(np.einsum("ij,ij->i", sphere.vertex_normals, rays))
     assert ends.sum() > 20 and cos[ends].max() < 0.15, (ends.sum(), cos[ends].max())
@@ -124,9 +128,6 @@ def test_silhouette_vertices_are_where_the_surface_turns_away_and_nowhere_else()
     # A plate seen 10° off edge-on: its big faces are grazing, yet only its border is silhouette.
     plate = trimesh.creation.box(extents=(0.6, 0.04, 0.6)).subdivide().subdivide().subdivide()
     eye = 3.0 * np.array([np.sin(np.radians(10.0)), -np.cos(np.radians(10.0)), 0.0])[[1, 0, 2]]  # along x, 10° off
-    corners = plate.vertices[plate.faces]
-    normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
-    per_vertex = np.bincount(plate.faces.ravel(), minlength=len(plate.vertices))
-    ends, _ = silhouette_vertices(plate.faces, per_vertex, normals, corners.mean(axis=1), eye)
+    ends, _ = seen_from(plate, eye)
     interior = (np.abs(plate.vertices[:, 0]) < 0.29) & (np.abs(plate.vertices[:, 2]) < 0.29)  # off the plate's rim
     assert ends.any() and not ends[interior].any()

@@ -30,8 +30,8 @@ concave.
 
 from __future__ import annotations
 
-import dataclasses
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -96,17 +96,16 @@ def fit_depth(
     if len(faces) == 0 or C < 2:
         return v, float("nan")
     normals = vertex_normals(v, faces)
-    corners = v[faces]
-    shape = _MeshShape(
-        faces_per_vertex=np.bincount(faces.ravel(), minlength=len(v)),
-        face_normals=np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]),
-        centroids=corners.mean(axis=1),
-    )
+    corners = v[faces]  # the faces' normals and centres, once for all views
+    silhouette_from = partial(
+        silhouette_vertices, faces, np.bincount(faces.ravel(), minlength=len(v)),
+        np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]), corners.mean(axis=1),
+    )  # fmt: skip
     viewmats, Ks = cameras.viewmats.double().numpy(), cameras.Ks.double().numpy()
 
     def per_view(c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         check_cancel(cancel)
-        return _view_samples(v, faces, normals, shape, viewmats[c], Ks[c], W, H, silhouettes[c], depths[c])
+        return _view_samples(v, faces, normals, silhouette_from, viewmats[c], Ks[c], W, H, silhouettes[c], depths[c])
 
     # Views on threads (the rasteriser releases the GIL), stacked in view order.
     with ThreadPoolExecutor(max(1, min(num_threads(), C))) as pool:
@@ -169,14 +168,7 @@ def concavity(
     return smoothed[nearest[np.arange(len(vertices)), np.argmax(own_side, axis=1)]]
 
 
-@dataclasses.dataclass
-class _MeshShape:
-    faces_per_vertex: np.ndarray  # [V]
-    face_normals: np.ndarray  # [F, 3] (area-weighted)
-    centroids: np.ndarray  # [F, 3]
-
-
-def _view_samples(v, faces, normals, shape: _MeshShape, viewmat, K, W, H, silhouette, depth):
+def _view_samples(v, faces, normals, silhouette_from, viewmat, K, W, H, silhouette, depth):
     """([V] how far behind each vertex the view's depth lies, along the normal, nan where the view
     does not see it facing; [V] bool, the vertex ends a silhouette edge on the view's outline;
     [V] bool, it lies across the view's ray near that outline)."""
@@ -197,7 +189,7 @@ def _view_samples(v, faces, normals, shape: _MeshShape, viewmat, K, W, H, silhou
     visible = inside & np.isfinite(front) & (z <= front + 2.0 * zs / K[0, 0])
     # Outline: the end of a silhouette edge of the mesh, on the silhouette's edge.
     edge = bilinear(signed_distance(silhouette)[..., None], np.stack([u / W, w / H], axis=-1))[:, 0]
-    ends, _ = silhouette_vertices(faces, shape.faces_per_vertex, shape.face_normals, shape.centroids, -R.T @ t)
+    ends, _ = silhouette_from(-R.T @ t)  # outlines.silhouette_vertices seen from the camera
     near_outline = inside & (np.abs(cos) < ACROSS) & (np.abs(edge) <= OUTLINE_PIXELS)
     on_outline = visible & ends & (np.abs(edge) <= OUTLINE_PIXELS)
     seen = visible & (cos > FACING)

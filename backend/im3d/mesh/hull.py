@@ -197,11 +197,11 @@ def carve_field(
     #    the cameras; both under a ring through the object's middle).
     centre = origin + 0.5 * voxel * (np.asarray(shape) - 1)
     ends, down = _orbit_ends(viewmats, centre)
-    levels = []  # the furthest seen point along each end (the first end is down, when down is known)
+    level = None  # the lowest seen point, along down (the overhangs' reference)
     for end in ends if flat_underside else []:
         field, end_level = _close_unseen_end(field, depth, viewmats, Ks, axes, voxel, centre, end, clamp)
-        levels.append(end_level)
-    level = levels[0] if down is not None and levels else None
+        if end is down:
+            level = end_level
 
     # 4. Hidden undersides of overhangs (a table top's): closed at the height their seen edge says.
     if close_overhangs and down is not None and level is not None:
