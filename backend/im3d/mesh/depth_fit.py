@@ -20,6 +20,14 @@ asks to move in by the median, over the views that face it and see it, of how fa
 their depth (less the lag) it lies; never out (the carving's bound stays), the outline vertices
 pinned, and the moves blended over the mesh like the outline fit's.
 
+Near a view's outline (a vertex across its ray, within a pixel of its silhouette's edge) the
+silhouette has already placed the surface to about a pixel, and the views' depth is noisier than
+that: such a vertex moves in only by what exceeds the depth's own spread (the lag samples' median
+absolute deviation). Clipping "never out" turns noise into an inward bias, which held fixed cost
+round objects their outlines; held fixed entirely, though, a face seen edge-on - all of it within a
+pixel of that view's outline, though the silhouette shows only its furthest point - kept the hull's
+bulge (a plate 0.008 of the radius outside on both faces, 3.2 dB below its splats).
+
 The lag is not the same on every surface: the views' depth lies on a concave one (a pocket's floor,
 a bowl's inside) nearly where the surface is. Measured on the bench's fits against the true surface
 (views facing it, eleven objects): pockets and crevices -0.004 to 0.024 of the radius behind it
@@ -51,14 +59,17 @@ from im3d.splats.raster.cpu import num_threads
 FACING = 0.5
 # The lag is measured at the vertices on a view's outline: those that end one of the mesh's
 # silhouette edges there (as the outline fit moves them: outlines.silhouette_vertices), visible,
-# projecting within OUTLINE_PIXELS of the silhouette's edge. Every vertex whose normal lies across
-# the ray (|cos| < ACROSS) that near the edge stays pinned, but measuring there too took the faces
-# beside a flat-faced object's sharp edges, seen grazing, which lie outside its surface (+0.006 to
-# +0.008 r on a plate with pins, fandisk, a board): the lag came out 1.2-2x the true one there
-# (docs/benchmarks.md, "Where the lag is measured"). Pinning only the silhouette edges' ends let
-# the faces beside them move and cost round objects up to 0.7 dB.
+# projecting within OUTLINE_PIXELS of the silhouette's edge; they stay pinned. Measuring at every
+# vertex whose normal lies across the ray (|cos| < ACROSS) that near the edge took the faces beside
+# a flat-faced object's sharp edges, seen grazing, which lie outside its surface (+0.006 to +0.008 r
+# on a plate with pins, fandisk, a board): the lag came out 1.2-2x the true one there
+# (docs/benchmarks.md, "Where the lag is measured").
 OUTLINE_PIXELS = 1.0
 ACROSS = 0.2
+# Those vertices across the ray near an outline move in only by what exceeds this many of the lag
+# samples' median absolute deviations (docs/benchmarks.md, "Faces seen edge-on": 0.5 and 2 measured,
+# freeing them outright cost round objects up to 0.7 dB, pinning them a plate 3.2 dB).
+BAND_SPREADS = 1.0
 # Too few outline samples to measure the lag: the step is skipped.
 MIN_SAMPLES = 200
 # A vertex moves only when at least this many views agree on where its surface lies (one view's
@@ -112,7 +123,7 @@ def fit_depth(
         per_views = list(pool.map(per_view, range(C)))
     behind = np.stack([p[0] for p in per_views])  # [C, V] along the normal, nan where the view does not speak
     on_outline = np.stack([p[1] for p in per_views])  # [C, V] where the lag is measured
-    near_outline = np.stack([p[2] for p in per_views])  # [C, V] what stays pinned
+    near_outline = np.stack([p[2] for p in per_views])  # [C, V] across the ray near the outline
 
     # 1. The lag: how far behind the vertices on some *other* view's outline the views' depth lies.
     outline_count = on_outline.sum(axis=0)
@@ -121,16 +132,20 @@ def fit_depth(
     if len(at_outlines) < MIN_SAMPLES:
         return v, float("nan")
     lag = float(np.median(at_outlines))
+    spread = float(np.median(np.abs(at_outlines - lag)))
 
     # 2. Each vertex asks to move in by the median, over the views that see it, of how far in
-    #    front of their depth less its lag it lies (never out); outline vertices ask to stay.
+    #    front of their depth less its lag it lies (never out); near an outline only by what
+    #    exceeds the depth's spread; the outline vertices themselves ask to stay.
     speaks = np.isfinite(behind).sum(axis=0) >= MIN_VIEWS
     asked = np.zeros(len(v))
     if speaks.any():
         radius = CONCAVITY_RADIUS * 0.5 * float(np.ptp(v, axis=0).max())
         lags = lag * np.clip((CONCAVE - concavity(v, normals, radius)) / (CONCAVE - FLAT), 0.0, 1.0)
-        asked[speaks] = np.clip(np.nanmedian(behind[:, speaks], axis=0) - lags[speaks], 0.0, None)
-    pinned = near_outline.any(axis=0)
+        asked[speaks] = np.nanmedian(behind[:, speaks], axis=0) - lags[speaks]
+    asked[near_outline.any(axis=0)] -= BAND_SPREADS * spread
+    asked = np.clip(asked, 0.0, None)
+    pinned = on_outline.any(axis=0)
     asked[pinned] = 0.0
     moves = smooth_moves(edge_laplacian(faces, len(v)), (speaks | pinned).astype(np.float64), asked)
     return v - normals * moves[:, None], lag
