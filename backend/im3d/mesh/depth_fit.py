@@ -23,7 +23,7 @@ pinned, and the moves blended over the mesh like the outline fit's.
 Near a view's outline (a vertex across its ray, within a pixel of its silhouette's edge) the
 silhouette has already placed the surface to about a pixel, and the views' depth is noisier than
 that: such a vertex moves in only by what exceeds the depth's own spread (the lag samples' median
-absolute deviation). Clipping "never out" turns noise into an inward bias, which held fixed cost
+absolute deviation), and takes off the whole lag whatever the concavity. Clipping "never out" turns noise into an inward bias, which held fixed cost
 round objects their outlines; held fixed entirely, though, a face seen edge-on - all of it within a
 pixel of that view's outline, though the silhouette shows only its furthest point - kept the hull's
 bulge (a plate 0.008 of the radius outside on both faces, 3.2 dB below its splats).
@@ -142,9 +142,10 @@ def fit_depth(
     if speaks.any():
         radius = CONCAVITY_RADIUS * 0.5 * float(np.ptp(v, axis=0).max())
         lags = lag * np.clip((CONCAVE - concavity(v, normals, radius)) / (CONCAVE - FLAT), 0.0, 1.0)
-        asked[speaks] = np.nanmedian(behind[:, speaks], axis=0) - lags[speaks]
-    asked[near_outline.any(axis=0)] -= BAND_SPREADS * spread
-    asked = np.clip(asked, 0.0, None)
+        # Near an outline: the whole lag (faded in a crease it dug a duck's neck in, 0.018 F) and
+        # the depth's spread.
+        lags = np.where(near_outline.any(axis=0), lag + BAND_SPREADS * spread, lags)
+        asked[speaks] = np.clip(np.nanmedian(behind[:, speaks], axis=0) - lags[speaks], 0.0, None)
     pinned = on_outline.any(axis=0)
     asked[pinned] = 0.0
     moves = smooth_moves(edge_laplacian(faces, len(v)), (speaks | pinned).astype(np.float64), asked)
