@@ -23,10 +23,11 @@ pinned, and the moves blended over the mesh like the outline fit's.
 Near a view's outline (a vertex across its ray, within a pixel of its silhouette's edge) the
 silhouette has already placed the surface to about a pixel, and the views' depth is noisier than
 that: such a vertex moves in only by what exceeds the depth's own spread (the lag samples' median
-absolute deviation), and takes off the whole lag whatever the concavity. Clipping "never out" turns noise into an inward bias, which held fixed cost
-round objects their outlines; held fixed entirely, though, a face seen edge-on - all of it within a
-pixel of that view's outline, though the silhouette shows only its furthest point - kept the hull's
-bulge (a plate 0.008 of the radius outside on both faces, 3.2 dB below its splats).
+absolute deviation), and takes off the whole lag whatever the concavity. Clipping "never out"
+turns noise into an inward bias, which cost round objects their outlines when these vertices
+moved freely; held fixed, though, a face seen edge-on - all of it within a pixel of that view's
+outline, though the silhouette shows only its furthest point - kept the hull's bulge (a plate
+0.008 of the radius outside on both faces, 3.2 dB below its splats).
 
 The lag is not the same on every surface: the views' depth lies on a concave one (a pocket's floor,
 a bowl's inside) nearly where the surface is. Measured on the bench's fits against the true surface
@@ -67,8 +68,9 @@ FACING = 0.5
 OUTLINE_PIXELS = 1.0
 ACROSS = 0.2
 # Those vertices across the ray near an outline move in only by what exceeds this many of the lag
-# samples' median absolute deviations (docs/benchmarks.md, "Faces seen edge-on": 0.5 and 2 measured,
-# freeing them outright cost round objects up to 0.7 dB, pinning them a plate 3.2 dB).
+# samples' median absolute deviations (docs/benchmarks.md, "Faces seen edge-on": 1.5 and 2 kept
+# less of the plates' gain, freeing them outright cost round objects up to 0.7 dB, pinning them
+# cost a plate 3.2 dB).
 BAND_SPREADS = 1.0
 # Too few outline samples to measure the lag: the step is skipped.
 MIN_SAMPLES = 200
