@@ -319,7 +319,7 @@ def test_views_all_round_the_object_cut_nothing_flat():
     assert above is not None and torch.allclose(above, torch.tensor([0.0, 0.0, -1.0]), atol=1e-4), above
     cams = render_cameras((20.0, 50.0))
     depth = torch.full((len(cams), 4, 4), 1.7)  # every pixel sees something
-    assert _lowest_seen_level(depth, _back_projected(depth, cams.viewmats.float(), cams.Ks.float(), above)[1]) is not None
+    assert _lowest_seen_level(depth, _back_projected(depth, cams.viewmats.float(), cams.Ks.float())[1] @ above) is not None
     assert down_for((30.0, -30.0)) is None
     below = down_for((-25.0,))  # a ring below: "down" is up
     assert below is not None and float(below[2]) > 0.99, below
@@ -620,7 +620,8 @@ def test_walls_facing_the_views_just_above_the_lowest_seen_point_stand_on_a_base
             for i in range(len(cams))
         ])  # fmt: skip
         depth = torch.from_numpy(np.where(np.isfinite(depth), depth, np.inf)).float()
-        points, heights = _back_projected(depth, cams.viewmats.float(), cams.Ks.float(), down)
+        points, world = _back_projected(depth, cams.viewmats.float(), cams.Ks.float())
+        heights = world @ down
         level = _lowest_seen_level(depth, heights)
         if name in standing:  # seen down to its base's edge (a round underside: to a limb above its bottom)
             assert level == pytest.approx(float(-mesh.bounds[0, 2]), abs=0.02), name

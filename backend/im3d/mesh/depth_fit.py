@@ -148,7 +148,7 @@ def fit_depth(
         # the depth's spread.
         lags = np.where(near_outline.any(axis=0), lag + BAND_SPREADS * spread, lags)
         asked[speaks] = np.clip(np.nanmedian(behind[:, speaks], axis=0) - lags[speaks], 0.0, None)
-    pinned = on_outline.any(axis=0)
+    pinned = outline_count > 0
     asked[pinned] = 0.0
     moves = smooth_moves(edge_laplacian(faces, len(v)), (speaks | pinned).astype(np.float64), asked)
     return v - normals * moves[:, None], lag

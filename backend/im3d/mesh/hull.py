@@ -198,8 +198,9 @@ def carve_field(
     centre = origin + 0.5 * voxel * (np.asarray(shape) - 1)
     ends, down = _orbit_ends(viewmats, centre)
     level = None  # the lowest seen point, along down (the overhangs' reference)
+    seen = _back_projected(depth, viewmats, Ks) if ends and flat_underside else None  # once for both ends
     for end in ends if flat_underside else []:
-        field, end_level = _close_unseen_end(field, depth, viewmats, Ks, axes, voxel, centre, end, clamp)
+        field, end_level = _close_unseen_end(field, depth, seen, viewmats, axes, voxel, centre, end, clamp)
         if end is down:
             level = end_level
 
@@ -217,8 +218,8 @@ def carve_field(
 def _close_unseen_end(
     field: torch.Tensor,  # [X, Y, Z] inside-positive, clamped to ±clamp
     depth: torch.Tensor,  # [C, H, W] camera z of the rendered surface (inf: not covered)
+    seen: tuple[torch.Tensor, torch.Tensor],  # its pixels back-projected: camera, world coordinates (_back_projected)
     viewmats: torch.Tensor,  # [C, 4, 4]
-    Ks: torch.Tensor,  # [C, 3, 3]
     axes: list[torch.Tensor],  # grid coordinates per axis
     voxel: float,
     centre: np.ndarray,  # [3] the grid's centre
@@ -228,8 +229,8 @@ def _close_unseen_end(
     """(the field closed beyond the furthest seen point along `end`, unless a camera lies beyond it
     and sees that end: flat where the object stands on a base there, as its sides curve in where it
     is round; that level, None when nothing is seen)."""
-    seen_points = _back_projected(depth, viewmats, Ks, end)
-    level = _lowest_seen_level(depth, seen_points[1])
+    points, heights = seen[0], seen[1] @ end
+    level = _lowest_seen_level(depth, heights)
     if level is None or float((camera_centres(viewmats) @ end).max()) >= level:
         return field, level
     shape = field.shape
@@ -241,7 +242,7 @@ def _close_unseen_end(
     if sections is None:
         return field, level
     band = LEVEL_BAND * 0.5 * voxel * (max(shape) - 1)
-    walls = _facing_at_the_lowest_seen(depth, *seen_points, level, band) >= WALL_FACING
+    walls = _facing_at_the_lowest_seen(depth, points, heights, level, band) >= WALL_FACING
     if walls or _stands_on_a_base(sections, level, _grazing_slope(viewmats, centre, end, level)):
         return torch.minimum(field, (level - height).clamp(-clamp, clamp)), level
     cap = _rounded_underside(sections, level, height, stride)  # a round end: closed as the sides curve in, not as the hull's cone
@@ -364,21 +365,20 @@ def _back_projected(
     depth: torch.Tensor,  # [C, H, W] camera z of the rendered surface (inf: not covered)
     viewmats: torch.Tensor,  # [C, 4, 4]
     Ks: torch.Tensor,  # [C, 3, 3]
-    down: torch.Tensor,  # [3]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """([C, H, W, 3] each pixel's centre back-projected to its depth, camera coordinates; [C, H, W]
-    its height along `down`, world units). Not finite where the pixel is not covered."""
+    """([C, H, W, 3] each pixel's centre back-projected to its depth, camera coordinates; [C, H, W, 3]
+    the same point in world coordinates). Not finite where the pixel is not covered."""
     C, H, W = depth.shape
     v, u = torch.meshgrid(torch.arange(H, dtype=torch.float32) + 0.5, torch.arange(W, dtype=torch.float32) + 0.5, indexing="ij")
     f, centre = Ks[:, [0, 1], [0, 1]][:, None, None, :], Ks[:, [0, 1], [2, 2]][:, None, None, :]  # [C, 1, 1, 2]
     points = torch.cat([(torch.stack([u, v], dim=-1) - centre) / f * depth[..., None], depth[..., None]], dim=-1)
     world = torch.einsum("chwi,cij->chwj", points - viewmats[:, None, None, :3, 3], viewmats[:, :3, :3])  # R^T (x - t)
-    return points, world @ down
+    return points, world
 
 
 def _lowest_seen_level(
     depth: torch.Tensor,  # [C, H, W] camera z of the rendered surface (inf: not covered)
-    heights: torch.Tensor,  # [C, H, W] its pixels' heights along `down` (_back_projected)
+    heights: torch.Tensor,  # [C, H, W] its pixels' heights along `down` (_back_projected's world points @ down)
 ) -> float | None:
     """The furthest seen point along `down` (the splats' rendered surface back-projected); None when nothing is seen."""
     seen = heights[torch.isfinite(depth)]
