@@ -59,7 +59,10 @@ def venv_python() -> Path:
 
 def ensure_python_env(uv: str) -> Path:
     # --frozen: install exactly the lock; a stale lock is an error, never a silent re-resolve.
-    run([uv, "sync", "--project", BACKEND, "--group", "dev", "--frozen", "--python", DEV_PYTHON])
+    # --compile-bytecode: where Python may not write .pyc files (PYTHONDONTWRITEBYTECODE, a read-only
+    # install) every process would compile torch & co. again: 4.5 s more per job start, tests twice as
+    # slow where they spawn processes (docs/benchmarks.md, "Start-up").
+    run([uv, "sync", "--project", BACKEND, "--group", "dev", "--frozen", "--compile-bytecode", "--python", DEV_PYTHON])
     return venv_python()
 
 

@@ -55,7 +55,7 @@ def test_lock_markers_are_evaluated_like_pep_508():
     assert not marker_matches("sys_platform == 'win32' or (sys_platform == 'darwin' and platform_machine == 'arm64')", env)
 
 
-@pytest.mark.slow  # builds a complete backend environment (hard links from uv's cache; ~25 s on 2 busy cores)
+@pytest.mark.slow  # builds a complete backend environment (hard links from uv's cache; ~25 s on 2 busy cores, and ~30 s compiling bytecode)
 def test_setup_from_the_zip_makes_an_environment_that_imports_im3d_and_sees_a_device(zip_backend, tmp_path, uv_on_path):
     lines, steps = [], []
     python = setup_environment(
@@ -65,6 +65,10 @@ def test_setup_from_the_zip_makes_an_environment_that_imports_im3d_and_sees_a_de
     assert python == env_python(tmp_path / "env") and environment_ready(tmp_path / "env")
     assert "GB to download" in lines[0]  # the size is told before anything is fetched
     assert steps[-1][0] == 1.0 and "torch" in steps[-1][1] and [f for f, _ in steps] == sorted(f for f, _ in steps)
+    # Compiled at set-up, so that no backend start compiles torch again where .pyc files cannot be written.
+    assert any("bytecode" in text for _, text in steps)
+    env = tmp_path / "env"
+    assert [*env.glob("lib/python3*/site-packages/torch/__pycache__/__init__.*.pyc"), *env.glob("Lib/site-packages/torch/__pycache__/__init__.*.pyc")]
     clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     # cwd: `python -c` puts it on sys.path, and a checkout's backend/ there would shadow the zip's.
     result = subprocess.run([str(python), "-c", "import im3d.server, torch; print(im3d.server.__file__)"], capture_output=True, text=True, env=clean, cwd=tmp_path)
