@@ -113,7 +113,7 @@ class MeshConfig:
     carve_with_masks: bool = True  # tsdf: voxels outside any fitted view's mask are empty (space carving)
     bake_texture: bool = True  # UV atlas + albedo texture; false: vertex colours only
     texture_from_views: bool = True  # texels take the colour of the job's views that see them; false: splat colours only
-    min_component_fraction: float = 0.02  # drop components with fewer faces than this share
+    min_component_fraction: float = 0.02  # density/tsdf: drop components with fewer faces than this share (the splats' floaters; the hull has none)
     smooth_iterations: int = 10  # Taubin smoothing passes after marching cubes (volume-kept; they take out the pits a lit render shows as dark specks)
     fair_iterations: int = 90  # low-pass Taubin passes after those, parts under 2.5 voxels thick held: flatten the lumps a fit's depth leaves (lit ripples)
     face_budget: int = 50_000  # decimate to at most this many faces

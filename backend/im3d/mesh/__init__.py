@@ -189,13 +189,18 @@ def mesh_from_splats(
     # 3. Cleanup.
     check_cancel(cancel)
     report_progress(0.45, "meshing: cleanup and decimation")
-    vertices, faces, removed = remove_small_components(vertices, faces, cfg.min_component_fraction)
+    # Small pieces of a density or TSDF surface are the splats' floaters. Every piece of the views'
+    # hull lies inside every view's silhouette: a twig that marching cubes cut off its branch, not
+    # a floater (docs/benchmarks.md, "Thin branches").
+    min_fraction = cfg.min_component_fraction if cfg.method != "hull" else 0.0
+    vertices, faces, removed = remove_small_components(vertices, faces, min_fraction)
     components, _ = face_components(len(vertices), faces)
     if cfg.face_budget < 4 * components:
         raise MeshingError(
             "impossible_budget",
             f"a face budget of {cfg.face_budget} cannot hold {components} closed components "
-            f"(at least {4 * components} faces); raise mesh.face_budget or mesh.min_component_fraction",
+            f"(at least {4 * components} faces); raise mesh.face_budget"
+            + (" or mesh.min_component_fraction" if cfg.method != "hull" else ""),
         )
     # Smoothed on marching cubes' regular triangles, before decimation: smoothing the decimated
     # mesh's long thin triangles folds them (dark specks in Blender).
