@@ -191,7 +191,7 @@ def mesh_from_splats(
     report_progress(0.45, "meshing: cleanup and decimation")
     # Small pieces of a density or TSDF surface are the splats' floaters. Every piece of the views'
     # hull lies inside every view's silhouette: a twig that marching cubes cut off its branch, not
-    # a floater (docs/benchmarks.md, "Thin branches").
+    # a floater (docs/benchmarks.md, "A fifth set, never tuned on, and thin branches").
     min_fraction = cfg.min_component_fraction if cfg.method != "hull" else 0.0
     vertices, faces, removed = remove_small_components(vertices, faces, min_fraction)
     components, _ = face_components(len(vertices), faces)
