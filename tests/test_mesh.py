@@ -17,6 +17,7 @@ import trimesh
 from im3d.config import MeshConfig
 from im3d.errors import Cancelled
 from im3d.mesh import MeshingError, export_glb, mesh_from_splats, mesh_ply_to_glb
+from im3d.mesh.cleanup import remove_small_components
 from im3d.testing.synthetic import splats_on_surface, stripes_color
 from im3d.splats.ply import write_ply
 
@@ -118,6 +119,15 @@ def test_floaters_are_dropped_and_reported(sphere_splats):
     assert np.abs(result.vertex_colors / 255.0 - stripes_color(result.vertices)).mean() < 0.03
     kept = mesh_from_splats(both, MeshConfig(**SMALL, bake_texture=False, min_component_fraction=0.0))
     assert kept.report.components == 2
+
+
+def test_small_components_can_be_capped_to_the_largest():
+    boxes = [trimesh.creation.box().apply_translation((3.0 * i, 0.0, 0.0)) for i in range(3)]
+    mesh = trimesh.util.concatenate([boxes[0].subdivide(), boxes[1], boxes[2].subdivide()])  # 48, 12, 48 faces
+    v, f, removed = remove_small_components(mesh.vertices, mesh.faces, 0.0, max_components=2)
+    assert removed == 1 and len(f) == 96 and np.abs(v[:, 0] - 3.0).min() > 1.0  # the middle, smallest box went
+    v, f, removed = remove_small_components(mesh.vertices, mesh.faces, 0.0)
+    assert removed == 0 and len(f) == 108
 
 
 def test_cancel_stops_meshing(sphere_splats):

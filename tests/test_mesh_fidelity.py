@@ -241,6 +241,17 @@ def test_the_hull_keeps_a_small_separate_piece():
     assert np.linalg.norm(piece.mean(0) - piece_centre) < 0.01 and np.abs(piece - piece_centre).max() < 0.05  # 2.6 px wide: the hull of 16 views is fatter
 
 
+def test_more_hull_pieces_than_the_face_budget_holds_keep_the_largest():
+    """Thirty cubes (a shelf of parts, a tree's leaves) at a face budget of 100: a closed piece needs
+    4 faces, so the mesh keeps the 25 largest instead of failing the job after its fit."""
+    cubes = [trimesh.creation.box(extents=(0.07,) * 3).apply_translation((x, y, 0.0)) for x in np.linspace(-0.4, 0.4, 6) for y in np.linspace(-0.32, 0.32, 5)]
+    gt = trimesh.util.concatenate(cubes)
+    views, splats = render_views(gt), splats_on_surface(gt, 6000, color_fn=stripes_color)
+    assert mesh_from_splats(splats, MeshConfig(**MESH), views=views).report.components == 30
+    small = mesh_from_splats(splats, MeshConfig(**{**MESH, "face_budget": 100}), views=views)
+    assert small.report.components == 25 and small.report.removed_components == 5 and small.report.faces <= 100
+
+
 def test_unseen_underside_is_closed_flat_not_hung_as_a_cone():
     """From rings of views above the cup no view sees below its bottom rim: the hull alone hangs a
     cone there; the mesh closes flat at the lowest seen point instead (mesh.flat_underside)."""

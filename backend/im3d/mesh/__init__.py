@@ -191,16 +191,18 @@ def mesh_from_splats(
     report_progress(0.45, "meshing: cleanup and decimation")
     # Small pieces of a density or TSDF surface are the splats' floaters. Every piece of the views'
     # hull lies inside every view's silhouette: a twig that marching cubes cut off its branch, not
-    # a floater (docs/benchmarks.md, "A fifth set, never tuned on, and thin branches").
-    min_fraction = cfg.min_component_fraction if cfg.method != "hull" else 0.0
-    vertices, faces, removed = remove_small_components(vertices, faces, min_fraction)
+    # a floater (docs/benchmarks.md, "A fifth set, never tuned on, and thin branches"); it keeps as
+    # many as the face budget holds (a closed piece needs 4 faces), the largest.
+    if cfg.method == "hull":
+        vertices, faces, removed = remove_small_components(vertices, faces, 0.0, max_components=cfg.face_budget // 4)
+    else:
+        vertices, faces, removed = remove_small_components(vertices, faces, cfg.min_component_fraction)
     components, _ = face_components(len(vertices), faces)
     if cfg.face_budget < 4 * components:
         raise MeshingError(
             "impossible_budget",
             f"a face budget of {cfg.face_budget} cannot hold {components} closed components "
-            f"(at least {4 * components} faces); raise mesh.face_budget"
-            + (" or mesh.min_component_fraction" if cfg.method != "hull" else ""),
+            f"(at least {4 * components} faces); raise mesh.face_budget or mesh.min_component_fraction",
         )
     # Smoothed on marching cubes' regular triangles, before decimation: smoothing the decimated
     # mesh's long thin triangles folds them (dark specks in Blender).

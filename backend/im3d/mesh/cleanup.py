@@ -27,14 +27,18 @@ def remove_small_components(
     vertices: np.ndarray,  # [V, 3]
     faces: np.ndarray,  # [F, 3]
     min_fraction: float,
+    max_components: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Drop components with fewer than `min_fraction` of all faces (the largest always stays).
+    """Drop components with fewer than `min_fraction` of all faces (the largest always stays), and
+    all but the `max_components` largest.
 
     Returns the compacted mesh and the number of components removed.
     """
     count, label = face_components(len(vertices), faces)
     sizes = np.bincount(label, minlength=count)
     keep_component = sizes >= min_fraction * len(faces)
+    if max_components is not None:
+        keep_component[np.argsort(-sizes, kind="stable")[max(1, max_components) :]] = False
     keep_component[np.argmax(sizes)] = True
     present = sizes > 0
     removed = int((present & ~keep_component).sum())
