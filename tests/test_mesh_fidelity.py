@@ -252,6 +252,34 @@ def test_more_hull_pieces_than_the_face_budget_holds_keep_the_largest():
     assert small.report.components == 25 and small.report.removed_components == 5 and small.report.faces <= 100
 
 
+def _line_views(thin_in: int, views: int = 4, size: int = 32) -> torch.Tensor:
+    """[views, size, size] silhouettes: a line two pixels wide through the centre covering 0.4 of
+    its pixels (a twig under half a pixel: outside the 1/2 edge) in the first `thin_in` views, a
+    broad disc in the others."""
+    yy, xx = np.mgrid[:size, :size] + 0.5
+    disc = ((xx - size / 2) ** 2 + (yy - size / 2) ** 2 < (size / 3) ** 2).astype(np.float32)
+    line = np.zeros((size, size), np.float32)
+    line[4:-4, size // 2 - 1 : size // 2 + 1] = 0.4
+    return torch.from_numpy(np.stack([line if v < thin_in else disc for v in range(views)]))
+
+
+@pytest.mark.parametrize("thin_in, inside", [(4, True), (1, False)])
+def test_a_part_thin_in_most_views_is_kept_and_a_sheet_seen_edge_on_is_not_thickened(thin_in, inside):
+    """A part under half a pixel wide is outside every silhouette's 1/2 edge: where it is thin in
+    most views (a twig, a tail's tip) its silhouettes are raised there and it stays; where only a
+    few views see it thin (a sheet edge-on: the rest see it broad) nothing is raised."""
+    from im3d.mesh import hull
+
+    cameras = orbit_cameras(4, elevation_deg=0.0, radius=2.0, fov_deg=40.0, width=32)
+    silhouettes = _line_views(thin_in)
+    lifted, thin = hull._thin_parts(silhouettes)
+    assert thin is not None and float(lifted[0].max()) == pytest.approx(0.4 + hull.THIN_LIFT)
+    assert torch.equal(lifted[thin_in:], silhouettes[thin_in:])  # a broad body's rim is not raised
+    centre = torch.zeros(1, 3)
+    distance = hull._silhouette_distance(centre, cameras.viewmats.float(), cameras.Ks.float(), silhouettes, lifted, thin, 0.1)
+    assert (float(distance[0]) > 0) == inside, float(distance[0])
+
+
 def test_unseen_underside_is_closed_flat_not_hung_as_a_cone():
     """From rings of views above the cup no view sees below its bottom rim: the hull alone hangs a
     cone there; the mesh closes flat at the lowest seen point instead (mesh.flat_underside)."""
