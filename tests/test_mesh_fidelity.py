@@ -280,6 +280,20 @@ def test_a_part_thin_in_most_views_is_kept_and_a_sheet_seen_edge_on_is_not_thick
     assert (float(distance[0]) > 0) == inside, float(distance[0])
 
 
+@pytest.mark.parametrize("thin_in, carved", [(4, False), (1, True)])
+def test_depth_does_not_carve_a_part_thin_in_most_views(thin_in, carved):
+    """A twig's rendered depth lies behind it (the fit's lag is more than its thickness, or the
+    pixel's depth is the surface behind a part covering under half of it): depth carving leaves a
+    part thin in most views to its silhouettes, and carves a body seen broad as before."""
+    from im3d.mesh import hull
+
+    cameras = orbit_cameras(4, elevation_deg=0.0, radius=2.0, fov_deg=40.0, width=32)
+    _, thin = hull._thin_parts(_line_views(thin_in))
+    carve_to = torch.full((4, 32, 32), 2.1)  # every view's depth: a surface 0.1 behind the centre (camera z 2.0)
+    distance = hull._depth_distance(torch.zeros(1, 3), cameras.viewmats.float(), cameras.Ks.float(), carve_to, thin, 0.05)
+    assert float(distance[0]) == pytest.approx(-0.05 if carved else 0.05), float(distance[0])
+
+
 def test_unseen_underside_is_closed_flat_not_hung_as_a_cone():
     """From rings of views above the cup no view sees below its bottom rim: the hull alone hangs a
     cone there; the mesh closes flat at the lowest seen point instead (mesh.flat_underside)."""

@@ -26,7 +26,9 @@ the splats' density surface follows that. So the views decide first and the spla
    surfaces. Where the rendered surface lies more than twice the largest margin behind the
    hull's own front, it is a real concavity, not a recessed fit, and is carved all the way down
    to it (so a cup's floor is not raised by the margin). Where the rendering is faint, depth
-   says nothing.
+   says nothing, and it never carves a part under three pixels wide in most views (a twig): the
+   fit's depth there lags by more than the part is thick, or is the surface behind it where the
+   part covers under half of a pixel, and the silhouettes from all round shape it anyway.
 
 3. **The unseen underside.** A point inside every mask and behind every view's rendered surface
    is inside, so from a ring of views above an object the hull hangs a cone under it that no view
@@ -103,7 +105,8 @@ THIN_REACH = 3.0
 # its pixels is outside the 1/2 edge, and the grid's samples a pixel apart miss or break it. Only
 # for points that lie in such parts in at least THIN_VIEWS of the views: a twig is thin from
 # everywhere, a sheet only edge-on, and raised there it thickened (woody -1.8 dB). Measured on 63
-# objects (docs/benchmarks.md, "A fifth set, never tuned on, and thin branches").
+# objects (docs/benchmarks.md, "A fifth set, never tuned on, and thin branches"). The same points
+# are not depth-carved (the cap's twigs: 33.9 -> 36.6 dB, "Thin parts are not carved").
 THIN_LIFT = 0.25
 THIN_VIEWS = 0.5
 # Views are carved at no more than this many pixels across per grid sample across.
@@ -195,7 +198,7 @@ def carve_field(
     # such pixels the blend carves less, never more.
     carve_to = torch.where(known, carve_to, torch.zeros_like(carve_to))
     if bool((carve_to > 0).any()):
-        depth_distance = lambda points: _depth_distance(points, viewmats, Ks, carve_to, clamp)  # noqa: E731
+        depth_distance = lambda points: _depth_distance(points, viewmats, Ks, carve_to, thin, clamp)  # noqa: E731
         stage = "carving what the splats' depth shows empty"
         carved, carved_exact = _coarse_to_fine(depth_distance, axes, hull > -clamp, cancel, lambda f: report(0.7 + 0.3 * f, stage))  # -clamp is final under min()
         passes.append((carved, carved_exact, depth_distance))
@@ -811,21 +814,42 @@ def _silhouette_distance(
     plain = _min_over_views(points, viewmats, Ks, silhouettes - 0.5, clamp, inside)
     if thin is None:
         return plain
-    views_thin = torch.zeros(points.shape[0])
-    for c in range(len(viewmats)):
-        _, u, v = project(points, viewmats[c], Ks[c])
-        grid = torch.stack([u * (2 / thin.shape[2]) - 1, v * (2 / thin.shape[1]) - 1], dim=-1)
-        views_thin += torch.nn.functional.grid_sample(thin[c][None, None], grid[None, None], mode="nearest", align_corners=False)[0, 0, 0]
-    chosen = views_thin >= THIN_VIEWS * len(viewmats)
+    chosen = _in_thin_parts(points, viewmats, Ks, thin)
     if not bool(chosen.any()):
         return plain
     plain[chosen] = _min_over_views(points[chosen], viewmats, Ks, lifted - 0.5, clamp, inside)
     return plain
 
 
-def _depth_distance(points, viewmats, Ks, depth: torch.Tensor, clamp: float) -> torch.Tensor:
-    """min over views of how far behind each view's carving depth [C, H, W] (0: nothing) each point is."""
-    return _min_over_views(points, viewmats, Ks, depth, clamp, lambda c, z, surface, grid: z - surface)
+def _in_thin_parts(
+    points: torch.Tensor,  # [P, 3] float32 world
+    viewmats: torch.Tensor,  # [C, 4, 4]
+    Ks: torch.Tensor,  # [C, 3, 3]
+    thin: torch.Tensor,  # [C, H, W] 1 on thin parts (_thin_parts)
+) -> torch.Tensor:
+    """[P] bool: the points that lie in thin parts in at least THIN_VIEWS of the views."""
+    views_thin = torch.zeros(points.shape[0])
+    for c in range(len(viewmats)):
+        _, u, v = project(points, viewmats[c], Ks[c])
+        grid = torch.stack([u * (2 / thin.shape[2]) - 1, v * (2 / thin.shape[1]) - 1], dim=-1)
+        views_thin += torch.nn.functional.grid_sample(thin[c][None, None], grid[None, None], mode="nearest", align_corners=False)[0, 0, 0]
+    return views_thin >= THIN_VIEWS * len(viewmats)
+
+
+def _depth_distance(
+    points: torch.Tensor,  # [P, 3] float32 world
+    viewmats: torch.Tensor,  # [C, 4, 4]
+    Ks: torch.Tensor,  # [C, 3, 3]
+    depth: torch.Tensor,  # [C, H, W] carving depth, camera z (0: nothing)
+    thin: torch.Tensor | None,  # [C, H, W] 1 on thin parts (_thin_parts); None: there are none
+    clamp: float,
+) -> torch.Tensor:
+    """min over views of how far behind each view's carving depth each point is; points in thin
+    parts in THIN_VIEWS of the views are not carved (+clamp): their silhouettes shape them."""
+    behind = _min_over_views(points, viewmats, Ks, depth, clamp, lambda c, z, surface, grid: z - surface)
+    if thin is None:
+        return behind
+    return torch.where(_in_thin_parts(points, viewmats, Ks, thin), torch.full_like(behind, clamp), behind)
 
 
 def _front_depth(
