@@ -849,9 +849,12 @@ def _depth_distance(
     """min over views of how far behind each view's carving depth each point is; points in thin
     parts in THIN_VIEWS of the views are not carved (+clamp): their silhouettes shape them."""
     behind = _min_over_views(points, viewmats, Ks, depth, clamp, lambda c, z, surface, grid: z - surface)
-    if thin is None:
+    carved = behind < clamp  # (only these can change: most points lie far behind every view's depth)
+    if thin is None or not bool(carved.any()):
         return behind
-    return torch.where(_in_thin_parts(points, viewmats, Ks, thin), torch.full_like(behind, clamp), behind)
+    spared = torch.zeros_like(carved)
+    spared[carved] = _in_thin_parts(points[carved], viewmats, Ks, thin)
+    return torch.where(spared, torch.full_like(behind, clamp), behind)
 
 
 def _front_depth(
