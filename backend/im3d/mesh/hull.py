@@ -108,7 +108,8 @@ THIN_REACH = 3.0
 # -1.8 dB). The same points are not depth-carved (the cap's twigs: 33.9 -> 36.6 dB). Measured on 63
 # objects (docs/benchmarks.md, "A fifth set, never tuned on, and thin branches": 0.25 / 0.5 before,
 # 0.35 / 0.375 gained up to 0.5 dB on the cap, the chair's wires and the alligator's tail, lost
-# nothing; 0.4 raised a tenth-of-a-pixel fringe, where a soft mask's halo lies).
+# nothing; a raise of 0.4 gained a little more but lifts whatever covers a tenth of a pixel, where
+# a soft matte's halo lies).
 THIN_LIFT = 0.35
 THIN_VIEWS = 0.375
 # Views are carved at no more than this many pixels across per grid sample across.
