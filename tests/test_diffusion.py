@@ -18,6 +18,7 @@ from im3d.diffusion.foreground import (
     centre_object,
     prepare_reference,
     segment_background_colour,
+    soften_edges,
 )
 from im3d.diffusion.orbit_video import (
     OrbitUNetSpatioTemporalConditionModel,
@@ -90,6 +91,53 @@ def test_background_colour_segmentation_finds_the_object_and_fills_holes():
     expected = torch.zeros(48, 48, 1)
     expected[10:30, 6:20] = 1.0
     assert torch.equal(mask, expected)
+
+
+def _antialiased_disc(colour, size=48, radius=13.3, samples=8) -> tuple[torch.Tensor, torch.Tensor]:
+    """A disc of `colour` on white, box-filtered from samples² per pixel: image [H, W, 3], coverage [H, W]."""
+    offsets = (torch.arange(samples) + 0.5) / samples
+    y = (torch.arange(size)[:, None] + offsets[None, :]).reshape(-1)
+    inside = ((y[:, None] - size / 2 + 1.7) ** 2 + (y[None, :] - size / 2 - 0.6) ** 2) < radius**2
+    coverage = inside.float().view(size, samples, size, samples).mean(dim=(1, 3))
+    image = coverage[..., None] * torch.tensor(colour) + (1 - coverage[..., None])
+    return image, coverage
+
+
+def test_soft_edges_give_an_anti_aliased_outline_its_coverage():
+    """The binary mask counts every pixel the object touches past the threshold: its area is too
+    big and its outline ~0.4 pixel outside the true one. Soft edges give those pixels their share."""
+    image, coverage = _antialiased_disc((0.2, 0.4, 0.8))
+    binary = segment_background_colour(image)
+    soft = soften_edges(image, binary)
+    edge = (coverage > 0) & (coverage < 1)
+    error = lambda mask: float((mask[..., 0] - coverage)[edge].abs().mean())  # noqa: E731
+    print(f"edge error: binary {error(binary):.3f}, soft {error(soft):.3f}; area {binary.sum():.1f} / {soft.sum():.1f} / {coverage.sum():.1f}")
+    assert error(soft) < 0.05 and error(binary) > 0.2
+    assert abs(float(soft.sum() - coverage.sum())) < 0.01 * float(coverage.sum()) < float(binary.sum() - coverage.sum())
+    assert torch.equal(soft[..., 0][~edge], binary[..., 0][~edge])  # inside and outside untouched
+
+
+def test_soft_edges_leave_an_outline_that_barely_differs_from_the_background_binary():
+    """Where the object's colour is within EDGE_CONTRAST of the background, its pixels' colours
+    say little about their coverage (noise would decide): the edge stays binary."""
+    image, _ = _antialiased_disc((0.88, 0.95, 0.95))
+    binary = segment_background_colour(image)
+    assert float(binary.sum()) > 0
+    assert torch.equal(soften_edges(image, binary), binary)
+
+
+def test_soft_edges_leave_an_edge_the_segmentation_cut_through_the_object_binary():
+    """A light part of the object (within the threshold of the background) is cut off by the
+    segmentation: the edge there has more object, not background, outside it. Softening it would
+    widen the hole; the outline against plain background is still softened."""
+    image, coverage = _antialiased_disc((0.2, 0.4, 0.8))
+    light = torch.tensor([0.95, 0.95, 0.95])
+    image[:, 30:] = coverage[:, 30:, None] * torch.tensor([0.2, 0.4, 0.8]) + (1 - coverage[:, 30:, None]) * light
+    binary = segment_background_colour(image)
+    soft = soften_edges(image, binary)
+    fractional = (soft[..., 0] > 0.01) & (soft[..., 0] < 0.99)
+    assert bool(fractional[:, :20].any())  # the outline against white
+    assert torch.equal(soft[:, 34:], binary[:, 34:])  # the edge against the light part
 
 
 def test_centre_object_centres_and_scales_to_the_fill():

@@ -18,6 +18,7 @@ _EXPORTS = {
     "ReferenceImage": "foreground",
     "prepare_reference": "foreground",
     "segment_background_colour": "foreground",
+    "soften_edges": "foreground",
     "centre_object": "foreground",
     "generate_reference_image": "text_to_image",
     "object_prompts": "text_to_image",

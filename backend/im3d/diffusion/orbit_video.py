@@ -597,7 +597,7 @@ def rediffuse(
 
 
 def _run_orbit(reference, frames, strength, config, seed, progress, cancel) -> OrbitFrames:
-    from im3d.diffusion.foreground import segment_background_colour
+    from im3d.diffusion.foreground import segment_background_colour, soften_edges
     from im3d.diffusion.models import EvaluationCounter
 
     d = config.diffusion
@@ -655,7 +655,7 @@ def _run_orbit(reference, frames, strength, config, seed, progress, cancel) -> O
     images = video[torch.tensor(order)].permute(0, 2, 3, 1).float().cpu().contiguous()  # [F, S, S, 3]
     # As Stability's sampler: the reference view's frame is the conditioning image itself
     images[0] = rgb[0].permute(1, 2, 0).to(images)
-    masks = torch.stack([segment_background_colour(image, d.background_threshold) for image in images])
+    masks = torch.stack([soften_edges(image, segment_background_colour(image, d.background_threshold)) for image in images])
     cameras, azimuths = orbit_frame_cameras(config, num_views, size)
     report(1.0, f"orbit ready: {num_views} frames, {counter.count} network evaluations")
     return OrbitFrames(images, masks, cameras, azimuths, d.elevation_deg, counter.count)
