@@ -4,6 +4,8 @@ The text-to-image stage prompts for one object on a plain background, so the def
 background-colour segmentation: the background colour is the median of the image border, a pixel
 is foreground when any channel differs from it by more than `threshold`; holes are filled and
 specks (components under 5 % of the largest one) dropped. An RGBA input keeps its own alpha.
+Orbit frames' masks then get soft edges (`soften_edges`): each pixel the outline crosses takes
+the share of it the object covers, read off its colour.
 The object is then cropped to its mask's bounding box and scaled so that its longer side spans
 `fill` of a square canvas, centred, on white (SV3D's preprocessing).
 """
@@ -77,7 +79,8 @@ def soften_edges(
     covers, read off its colour: how far it lies from the background toward the object's colour
     just inside (the nearest pixel two in). A binary mask counts every pixel the object touches
     past the threshold, so its outline sits ~0.4 pixel outside the true one, and the views' hull,
-    the minimum over them, comes out that much too fat (docs/benchmarks.md, "Soft edges")."""
+    the minimum over them, comes out that much too fat (docs/benchmarks.md, "Soft edges on
+    generated frames' masks")."""
     inside = mask[..., 0].detach().cpu().numpy() > 0.5
     core = ndimage.binary_erosion(inside, iterations=2)
     if not core.any():

@@ -522,7 +522,7 @@ class OrbitFrames:
     """A generated orbit: a ready-made multi-view dataset (frame 0 is the reference view)."""
 
     images: Tensor  # [F, H, W, 3] float in [0, 1]
-    masks: Tensor  # [F, H, W, 1] float in [0, 1], foreground segmentation
+    masks: Tensor  # [F, H, W, 1] float in [0, 1], foreground segmentation with soft edges
     cameras: Cameras  # F cameras at `elevation_deg` / `azimuths_deg`, Blender world frame
     azimuths_deg: list[float]  # [F] azimuth of each frame, 0 = reference view
     elevation_deg: float
