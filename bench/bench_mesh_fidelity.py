@@ -20,6 +20,7 @@ else default) and scores, at the held-out views:
     backend/.venv/bin/python bench/bench_mesh_fidelity.py --held-out          # six objects no setting was tuned on
     backend/.venv/bin/python bench/bench_mesh_fidelity.py --set mesh.method=density   # any config override
     backend/.venv/bin/python bench/bench_mesh_fidelity.py --mesh-files ~/models/*.obj   # public models, own docs section
+    backend/.venv/bin/python bench/bench_mesh_fidelity.py --remesh --segment  # masks as a generated job's (print only)
 
 `--mesh-files` takes meshes from files (e.g. github.com/alecjacobson/common-3d-test-models: spot,
 teapot, stanford-bunny, ...; never committed), each rendered like the built objects.
@@ -31,6 +32,7 @@ again with the current code and config (the views come from the dataset, as in a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -104,15 +106,16 @@ def fit_object(folder: Path, workdir: Path, assignments: list[str]) -> dict:
     return metrics
 
 
-def remesh_object(folder: Path, workdir: Path, assignments: list[str]) -> dict:
-    """Mesh the cached splats again with the current code (views from the dataset, as in a job)."""
+def remesh_object(folder: Path, workdir: Path, assignments: list[str], segment: bool = False) -> dict:
+    """Mesh the cached splats again with the current code (views from the dataset, as in a job;
+    `segment`: as a generated job's frames, see `_views_for_meshing`)."""
     from im3d.mesh import export_glb, mesh_from_splats
     from im3d.splats.ply import read_ply
 
     config = bench_config(assignments)
     metrics = json.loads((workdir / "bench.json").read_text())
     splats = read_ply(workdir / "splats.ply")
-    views = _views_for_meshing(folder, config)
+    views = _views_for_meshing(folder, config, segment)
     start = time.perf_counter()
     result = mesh_from_splats(splats, config.mesh, **views)
     export_glb(result, workdir / "mesh.glb")
@@ -121,9 +124,19 @@ def remesh_object(folder: Path, workdir: Path, assignments: list[str]) -> dict:
     return metrics
 
 
-def _views_for_meshing(folder: Path, config) -> dict:
-    """The fitted views, as the pipeline passes them to meshing (cameras, images, masks)."""
-    return {"views": read_transforms(folder, "train")}
+def _views_for_meshing(folder: Path, config, segment: bool = False) -> dict:
+    """The fitted views, as the pipeline passes them to meshing (cameras, images, masks). With
+    `segment`, as a generated job has its frames: the object on white, its masks the product's
+    segmentation of that (diffusion/foreground.py) instead of Blender's alpha."""
+    views = read_transforms(folder, "train")
+    if segment:
+        from im3d.diffusion.foreground import segment_background_colour, soften_edges
+
+        images = views.composited([BACKGROUND] * 3)
+        threshold = config.diffusion.background_threshold
+        masks = torch.stack([soften_edges(image, segment_background_colour(image, threshold)) for image in images])
+        views = dataclasses.replace(views, images=images, masks=masks)
+    return {"views": views}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-docs", action="store_true", help="print only; do not touch docs/")
     parser.add_argument("--elevation", type=float, default=15.0, help="training orbit elevation (not 15: own data and work folders, print only)")
     parser.add_argument("--grid", type=Path, default=None, help="picture grid (default: docs/mesh_fidelity[_held_out|_public].png)")
+    parser.add_argument("--segment", action="store_true", help="re-mesh with the views as a generated job has them: on white, masks from the product's segmentation (print only)")
     parser.add_argument("--mesh-files", nargs="+", type=Path, default=[], help="objects from mesh files (.obj/.ply/.stl), named by file (own docs section and grid)")
     args = parser.parse_args(argv)
     files = {path.stem: path.expanduser() for path in args.mesh_files}
@@ -303,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.elevation != 15.0:  # another camera ring: its own datasets and fits, never the docs' tables
         suffix = f"_e{args.elevation:g}"
         args.data, args.work, args.no_docs = Path(f"{args.data}{suffix}"), Path(f"{args.work}{suffix}"), True
+    if args.segment and not args.remesh:
+        parser.error("--segment re-meshes cached fits: add --remesh")
+    args.no_docs |= args.segment  # the docs' tables are Blender's masks
     config = bench_config(args.set)
     load = os.getloadavg()
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, load {load[0]:.1f}"
@@ -312,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = ensure_dataset(args.data, name, 128, args.elevation, files.get(name))
         workdir = args.work / name
         if args.remesh and (workdir / "bench.json").is_file():
-            metrics = remesh_object(folder, workdir, args.set)
+            metrics = remesh_object(folder, workdir, args.set, args.segment)
         else:
             metrics = fit_object(folder, workdir, args.set)
         rows[name] = score(folder, workdir, metrics, config)
