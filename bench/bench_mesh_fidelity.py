@@ -130,11 +130,10 @@ def _views_for_meshing(folder: Path, config, segment: bool = False) -> dict:
     segmentation of that (diffusion/foreground.py) instead of Blender's alpha."""
     views = read_transforms(folder, "train")
     if segment:
-        from im3d.diffusion.foreground import segment_background_colour, soften_edges
+        from im3d.diffusion.foreground import orbit_frame_mask
 
         images = views.composited([BACKGROUND] * 3)
-        threshold = config.diffusion.background_threshold
-        masks = torch.stack([soften_edges(image, segment_background_colour(image, threshold)) for image in images])
+        masks = torch.stack([orbit_frame_mask(image, config.diffusion.background_threshold) for image in images])
         views = dataclasses.replace(views, images=images, masks=masks)
     return {"views": views}
 

@@ -15,6 +15,7 @@ pytest.importorskip("diffusers")
 
 from im3d.diffusion import models
 from im3d.diffusion.foreground import (
+    orbit_frame_mask,
     centre_object,
     prepare_reference,
     segment_background_colour,
@@ -138,6 +139,60 @@ def test_soft_edges_leave_an_edge_the_segmentation_cut_through_the_object_binary
     fractional = (soft[..., 0] > 0.01) & (soft[..., 0] < 0.99)
     assert bool(fractional[:, :20].any())  # the outline against white
     assert torch.equal(soft[:, 34:], binary[:, 34:])  # the edge against the light part
+
+
+def _light_and_see_through(size=48) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Blue and off-white halves (0.05 from white, the off-white half on the outline) of a block with
+    a see-through hole, on white: image, the light half's pixels, the hole's pixels."""
+    image = torch.ones(size, size, 3)
+    image[8:40, 8:24] = torch.tensor([0.2, 0.4, 0.8])
+    image[8:40, 24:40] = torch.tensor([0.95, 0.96, 0.95])
+    image[20:28, 14:20] = 1.0  # background seen through the object
+    light = torch.zeros(size, size, dtype=torch.bool)
+    light[8:40, 24:40] = True
+    hole = torch.zeros(size, size, dtype=torch.bool)
+    hole[20:28, 14:20] = True
+    return image, light, hole
+
+
+def test_orbit_frame_mask_keeps_light_parts_and_see_through_holes():
+    """The plain segmentation (a reference image's) drops a part within the threshold of the
+    background and fills every hole; an orbit frame's keeps the part and the hole open, since the
+    views' hull is cut by any frame that drops a part (docs/benchmarks.md, "Light parts")."""
+    image, light, hole = _light_and_see_through()
+    plain = segment_background_colour(image)[..., 0]
+    frame = orbit_frame_mask(image)[..., 0]
+    assert float(plain[light].mean()) < 0.1 and bool((plain[hole] == 1).all())
+    assert float(frame[light].mean()) > 0.95 and float(frame[hole].max()) == 0.0
+    enclosed = image.clone()  # a light patch inside the object is the object, not a hole
+    enclosed[20:28, 14:20] = torch.tensor([0.96, 0.95, 0.96])
+    assert bool((orbit_frame_mask(enclosed)[..., 0][hole] == 1).all())
+
+
+def test_orbit_frame_mask_does_not_take_in_an_anti_aliased_fringe():
+    """At the light level (0.02) every anti-aliased edge has a faint fringe; only parts over two
+    pixels wide are added, so the disc's outline is the soft-edged one, not a pixel out."""
+    image, coverage = _antialiased_disc((0.2, 0.4, 0.8))
+    frame = orbit_frame_mask(image)
+    assert torch.equal(frame, soften_edges(image, segment_background_colour(image)))
+    assert abs(float(frame.sum() - coverage.sum())) < 0.01 * float(coverage.sum())
+
+
+@pytest.mark.parametrize("sigma", [0.005, 0.03])
+def test_orbit_frame_mask_on_a_noisy_background(sigma):
+    """The light level follows the border's noise: at sigma 0.005 the light part is still found and
+    no noise speck is taken for the object; at 0.03 the level passes the threshold and the mask is
+    the plain segmentation's."""
+    image, light, hole = _light_and_see_through()
+    noisy = (image + sigma * torch.randn(image.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    frame = orbit_frame_mask(noisy)[..., 0]
+    outside = torch.ones_like(light)
+    outside[7:41, 7:41] = False
+    assert float(frame[outside].max()) < 0.5  # no speck of noise counts as object
+    if sigma < 0.01:
+        assert float(frame[light].mean()) > 0.9 and float(frame[hole].max()) < 0.05  # the hole's rim: soft, noise
+    else:
+        assert torch.equal(frame, soften_edges(noisy, segment_background_colour(noisy))[..., 0])
 
 
 def test_centre_object_centres_and_scales_to_the_fill():

@@ -59,7 +59,7 @@ class DiffusionConfig:
     frame_fill: float = 0.85  # share of the frame side the centred object spans (sets camera distance)
     guidance_profile: Literal["triangle", "linear"] = "triangle"  # guidance over frames (SV3D: triangle)
     cond_aug: float = 1e-5  # noise added to the conditioning image (SV3D: 1e-5)
-    background_threshold: float = 0.08  # colour distance from the background that counts as object
+    background_threshold: float = 0.08  # colour distance from the background that counts as object (orbit frames: less on a clean background)
 
 
 @dataclass

@@ -19,6 +19,7 @@ _EXPORTS = {
     "prepare_reference": "foreground",
     "segment_background_colour": "foreground",
     "soften_edges": "foreground",
+    "orbit_frame_mask": "foreground",
     "centre_object": "foreground",
     "generate_reference_image": "text_to_image",
     "object_prompts": "text_to_image",

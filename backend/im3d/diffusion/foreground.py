@@ -4,8 +4,9 @@ The text-to-image stage prompts for one object on a plain background, so the def
 background-colour segmentation: the background colour is the median of the image border, a pixel
 is foreground when any channel differs from it by more than `threshold`; holes are filled and
 specks (components under 5 % of the largest one) dropped. An RGBA input keeps its own alpha.
-Orbit frames' masks then get soft edges (`soften_edges`): each pixel the outline crosses takes
-the share of it the object covers, read off its colour.
+Orbit frames' masks (`orbit_frame_mask`) also keep the object's light parts where the background
+is clean, and get soft edges (`soften_edges`): each pixel the outline crosses takes the share of
+it the object covers, read off its colour.
 The object is then cropped to its mask's bounding box and scaled so that its longer side spans
 `fill` of a square canvas, centred, on white (SV3D's preprocessing).
 """
@@ -36,16 +37,45 @@ class ReferenceImage:
         assert self.mask.shape == (H, W, 1), self.mask.shape
 
 
+# An orbit frame (`orbit_frame`) on a clean background (a generated frame's white) is told apart
+# from it more finely, at LIGHT_MARGIN times the border's 99th percentile colour distance from its
+# median, at least LIGHT_MIN:
+# - Parts of the object closer to the background than the threshold are kept (the cow's off-white
+#   patches, 0.05 from white: half of its pixels). Only parts over two pixels wide: at that level
+#   the outline would also take in the faint fringe of every anti-aliased edge, which
+#   `soften_edges` reads as the object's.
+# - Holes mostly of plain background are what the object lets the background show through (a
+#   torus' hole, the gaps of a chair's back), not light parts: they stay open.
+# Not for a reference image: the views' hull is cut by any frame that drops a part and barely grown
+# by one that takes in a faint shadow, while a reference image's mask sets its crop.
+LIGHT_MARGIN = 2.0
+LIGHT_MIN = 0.02
+SEE_THROUGH = 0.5  # share of a hole's pixels within the light level of the background that keeps it open
+
+
 def segment_background_colour(
     image: Tensor,  # [H, W, 3] in [0, 1]
     threshold: float = 0.08,
     min_component_fraction: float = 0.05,
+    orbit_frame: bool = False,  # keep light parts and see-through holes where the background is clean (above)
 ) -> Tensor:  # [H, W, 1] float {0, 1}
     assert image.ndim == 3 and image.shape[-1] == 3, image.shape
     pixels = image.detach().float().cpu().numpy()
     background = _background_colour(pixels)
-    foreground = np.abs(pixels - background).max(axis=-1) > threshold
-    foreground = ndimage.binary_fill_holes(foreground)
+    distance = np.abs(pixels - background).max(axis=-1)
+    foreground = distance > threshold
+    level = max(LIGHT_MIN, LIGHT_MARGIN * _background_noise(pixels, background))
+    fine = orbit_frame and level < threshold
+    if fine:
+        light = ndimage.binary_opening((distance > level) & ~foreground, np.ones((3, 3), bool))
+        foreground |= ndimage.binary_dilation(light, mask=distance > level)  # the corners the opening took
+    filled = ndimage.binary_fill_holes(foreground)
+    if fine:
+        holes, count = ndimage.label(filled & ~foreground)
+        if count:
+            clear = ndimage.mean(distance <= level, holes, index=np.arange(1, count + 1))  # [count]
+            filled &= ~np.isin(holes, np.flatnonzero(clear >= SEE_THROUGH) + 1)
+    foreground = filled
     labels, count = ndimage.label(foreground)
     if count > 1:
         sizes = ndimage.sum(foreground, labels, index=np.arange(1, count + 1))
@@ -54,9 +84,17 @@ def segment_background_colour(
     return torch.from_numpy(foreground.astype(np.float32))[..., None]
 
 
+def _border(pixels: np.ndarray) -> np.ndarray:  # [H, W, 3] -> [2H+2W, 3]
+    return np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+
+
 def _background_colour(pixels: np.ndarray) -> np.ndarray:  # [H, W, 3] -> [3]
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])  # [2H+2W, 3]
-    return np.median(border, axis=0)
+    return np.median(_border(pixels), axis=0)
+
+
+def _background_noise(pixels: np.ndarray, background: np.ndarray) -> float:
+    """The border's 99th percentile colour distance (largest channel) from the background colour."""
+    return float(np.quantile(np.abs(_border(pixels) - background).max(axis=-1), 0.99))
 
 
 # Below this colour distance between the object just inside its edge and the background, a
@@ -96,6 +134,15 @@ def soften_edges(
     edge = ndimage.binary_dilation(inside) & ~ndimage.binary_erosion(inside) & (np.sqrt(reach) > contrast) & near_clear
     out = np.where(edge, coverage, inside.astype(np.float64))
     return torch.from_numpy(out.astype(np.float32))[..., None]
+
+
+def orbit_frame_mask(
+    image: Tensor,  # [H, W, 3] in [0, 1], a generated frame: the object on a plain background
+    threshold: float = 0.08,  # diffusion.background_threshold
+) -> Tensor:  # [H, W, 1] float in [0, 1]
+    """An orbit frame's mask: the background-colour segmentation with its light parts and
+    see-through holes, soft edges."""
+    return soften_edges(image, segment_background_colour(image, threshold, orbit_frame=True))
 
 
 def centre_object(

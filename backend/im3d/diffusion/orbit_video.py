@@ -522,7 +522,7 @@ class OrbitFrames:
     """A generated orbit: a ready-made multi-view dataset (frame 0 is the reference view)."""
 
     images: Tensor  # [F, H, W, 3] float in [0, 1]
-    masks: Tensor  # [F, H, W, 1] float in [0, 1], foreground segmentation with soft edges
+    masks: Tensor  # [F, H, W, 1] float in [0, 1], foreground.orbit_frame_mask: light parts kept, soft edges
     cameras: Cameras  # F cameras at `elevation_deg` / `azimuths_deg`, Blender world frame
     azimuths_deg: list[float]  # [F] azimuth of each frame, 0 = reference view
     elevation_deg: float
@@ -597,7 +597,7 @@ def rediffuse(
 
 
 def _run_orbit(reference, frames, strength, config, seed, progress, cancel) -> OrbitFrames:
-    from im3d.diffusion.foreground import segment_background_colour, soften_edges
+    from im3d.diffusion.foreground import orbit_frame_mask
     from im3d.diffusion.models import EvaluationCounter
 
     d = config.diffusion
@@ -655,7 +655,7 @@ def _run_orbit(reference, frames, strength, config, seed, progress, cancel) -> O
     images = video[torch.tensor(order)].permute(0, 2, 3, 1).float().cpu().contiguous()  # [F, S, S, 3]
     # As Stability's sampler: the reference view's frame is the conditioning image itself
     images[0] = rgb[0].permute(1, 2, 0).to(images)
-    masks = torch.stack([soften_edges(image, segment_background_colour(image, d.background_threshold)) for image in images])
+    masks = torch.stack([orbit_frame_mask(image, d.background_threshold) for image in images])
     cameras, azimuths = orbit_frame_cameras(config, num_views, size)
     report(1.0, f"orbit ready: {num_views} frames, {counter.count} network evaluations")
     return OrbitFrames(images, masks, cameras, azimuths, d.elevation_deg, counter.count)
