@@ -20,7 +20,8 @@ else default) and scores, at the held-out views:
     backend/.venv/bin/python bench/bench_mesh_fidelity.py --held-out          # six objects no setting was tuned on
     backend/.venv/bin/python bench/bench_mesh_fidelity.py --set mesh.method=density   # any config override
     backend/.venv/bin/python bench/bench_mesh_fidelity.py --mesh-files ~/models/*.obj   # public models, own docs section
-    backend/.venv/bin/python bench/bench_mesh_fidelity.py --remesh --segment  # masks as a generated job's (print only)
+    backend/.venv/bin/python bench/bench_mesh_fidelity.py --segment           # fitted and meshed as a generated job's frames (print only)
+    backend/.venv/bin/python bench/bench_mesh_fidelity.py --remesh --segment  # the cached fits re-meshed so
 
 `--mesh-files` takes meshes from files (e.g. github.com/alecjacobson/common-3d-test-models: spot,
 teapot, stanford-bunny, ...; never committed), each rendered like the built objects.
@@ -125,17 +126,37 @@ def remesh_object(folder: Path, workdir: Path, assignments: list[str], segment: 
 
 
 def _views_for_meshing(folder: Path, config, segment: bool = False) -> dict:
-    """The fitted views, as the pipeline passes them to meshing (cameras, images, masks). With
-    `segment`, as a generated job has its frames: the object on white, its masks the product's
-    segmentation of that (diffusion/foreground.py) instead of Blender's alpha."""
+    """The fitted views, as the pipeline passes them to meshing (cameras, images, masks); with
+    `segment`, as a generated job has them (`generated_views`)."""
     views = read_transforms(folder, "train")
-    if segment:
-        from im3d.diffusion.foreground import orbit_frame_mask
+    return {"views": generated_views(views, config) if segment else views}
 
-        images = views.composited([BACKGROUND] * 3)
-        masks = torch.stack([orbit_frame_mask(image, config.diffusion.background_threshold) for image in images])
-        views = dataclasses.replace(views, images=images, masks=masks)
-    return {"views": views}
+
+def generated_views(views, config):
+    """The views as a generated job has its frames: the object on white, its masks the product's
+    segmentation of that (diffusion/foreground.py) instead of Blender's alpha."""
+    from im3d.diffusion.foreground import orbit_frame_mask
+
+    images = views.composited([BACKGROUND] * 3)
+    masks = torch.stack([orbit_frame_mask(image, config.diffusion.background_threshold) for image in images])
+    return dataclasses.replace(views, images=images, masks=masks)
+
+
+def write_generated_dataset(folder: Path, out: Path, config) -> Path:
+    """`generated_views` of the dataset's training views, written as RGBA PNGs (alpha: the mask)
+    with their transforms_train.json, for the reconstruct job to fit as a generated job would."""
+    from PIL import Image
+
+    from im3d.cameras import write_transforms
+
+    views = generated_views(read_transforms(folder, "train"), config)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [f"r_{i:03d}.png" for i in range(len(views.cameras))]
+    for name, image, mask in zip(names, views.images, views.masks):
+        rgba = torch.cat([image, mask], dim=-1).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
+        Image.fromarray(rgba, "RGBA").save(out / name)
+    write_transforms(out / "transforms_train.json", views.cameras, names)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-docs", action="store_true", help="print only; do not touch docs/")
     parser.add_argument("--elevation", type=float, default=15.0, help="training orbit elevation (not 15: own data and work folders, print only)")
     parser.add_argument("--grid", type=Path, default=None, help="picture grid (default: docs/mesh_fidelity[_held_out|_public].png)")
-    parser.add_argument("--segment", action="store_true", help="re-mesh with the views as a generated job has them: on white, masks from the product's segmentation (print only)")
+    parser.add_argument("--segment", action="store_true", help="the views as a generated job has them: on white, masks from the product's segmentation; fits go to WORK_segment, --remesh re-meshes WORK's (print only)")
     parser.add_argument("--mesh-files", nargs="+", type=Path, default=[], help="objects from mesh files (.obj/.ply/.stl), named by file (own docs section and grid)")
     args = parser.parse_args(argv)
     files = {path.stem: path.expanduser() for path in args.mesh_files}
@@ -316,9 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.elevation != 15.0:  # another camera ring: its own datasets and fits, never the docs' tables
         suffix = f"_e{args.elevation:g}"
         args.data, args.work, args.no_docs = Path(f"{args.data}{suffix}"), Path(f"{args.work}{suffix}"), True
-    if args.segment and not args.remesh:
-        parser.error("--segment re-meshes cached fits: add --remesh")
     args.no_docs |= args.segment  # the docs' tables are Blender's masks
+    if args.segment and not args.remesh:  # new fits: never over the cached ones from Blender's masks
+        args.work = Path(f"{args.work}_segment")
     config = bench_config(args.set)
     load = os.getloadavg()
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, load {load[0]:.1f}"
@@ -329,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         workdir = args.work / name
         if args.remesh and (workdir / "bench.json").is_file():
             metrics = remesh_object(folder, workdir, args.set, args.segment)
+        elif args.segment:
+            metrics = fit_object(write_generated_dataset(folder, workdir / "views", config), workdir, args.set)
         else:
             metrics = fit_object(folder, workdir, args.set)
         rows[name] = score(folder, workdir, metrics, config)

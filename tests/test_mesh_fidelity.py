@@ -833,3 +833,33 @@ def test_carving_margin_is_capped_by_a_thin_parts_half_width_only():
     cut[0, :, 0:6] = 1.0  # a leg 6 pixels wide along the left edge
     assert abs(float(_half_width(cut, depth.clamp(max=2.0), Ks, reach)[0, 60, 0]) - 6 * pixel) < 0.51 * pixel
     assert bool(torch.isinf(_half_width(torch.ones(1, 120, 160), torch.full((1, 120, 160), 2.0), Ks, reach)).all())
+
+
+def test_the_bench_writes_views_as_a_generated_job_has_them(tmp_path):
+    """`bench_mesh_fidelity.py --segment` fits views on white whose alpha is the product's
+    segmentation: written and read back, they are what `orbit_frame_mask` makes of the composite,
+    not the source's alpha, with the same cameras."""
+    import io
+    import zipfile
+
+    from bench_mesh_fidelity import bench_config, write_generated_dataset
+    from im3d.cameras import read_transforms
+    from im3d.diffusion.foreground import orbit_frame_mask
+    from im3d.testing.synthetic import ball_views_zip
+
+    from PIL import Image
+
+    zipfile.ZipFile(io.BytesIO(ball_views_zip(num_views=3, size=32))).extractall(tmp_path / "source")
+    for path in (tmp_path / "source" / "images").glob("*.png"):  # a white part of the object: no segmentation sees it
+        rgba = np.array(Image.open(path))
+        rgba[:4, :4] = 255
+        Image.fromarray(rgba, "RGBA").save(path)
+    source = read_transforms(tmp_path / "source", "train")
+    config = bench_config([])
+    written = read_transforms(write_generated_dataset(tmp_path / "source", tmp_path / "views", config), "train")
+    composite = source.composited([1.0, 1.0, 1.0])
+    assert torch.allclose(written.cameras.viewmats, source.cameras.viewmats, atol=1e-5)
+    assert torch.allclose(written.images * written.masks + (1 - written.masks), composite * written.masks + (1 - written.masks), atol=1 / 255)
+    expected = torch.stack([orbit_frame_mask(image, config.diffusion.background_threshold) for image in composite])
+    assert torch.allclose(written.masks, expected, atol=0.5 / 255)
+    assert bool((source.masks[:, :4, :4] == 1).all()) and bool((written.masks[:, :4, :4] == 0).all())
